@@ -37,12 +37,10 @@ class IncrementalDetokenizer:
         search_from = max(0, len(self.text) - self._holdback)
         self.text += full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-        for stop in self.stop:
-            at = self.text.find(stop, search_from)
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped = True
-                break
+        found = [at for stop in self.stop if (at := self.text.find(stop, search_from)) != -1]
+        if found:
+            self.text = self.text[: min(found)]  # the earliest stop string wins
+            self.stopped = True
 
     def release(self, final: bool) -> str:
         """The text not yet released, minus a tail that might still become a stop string."""

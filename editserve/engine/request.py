@@ -1,9 +1,16 @@
-"""What the engine takes in and hands back, and the handle an async caller waits on."""
+"""What the engine takes in and hands back, and the stream an async caller reads.
+
+One API call may ask for several generations (prompts x n). Each is a `RequestHandle` in the
+engine; all of them push into one `OutputStream`, tagged with their choice index, so the caller
+reads a single ordered stream. Chunks are pushed from the engine thread with
+`call_soon_threadsafe`, so the event loop never blocks on the model.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from editserve.engine.sampling import SamplingParams, TokenLogprob
@@ -13,12 +20,64 @@ _ids = itertools.count()
 
 @dataclass
 class GenerationChunk:
-    """What one decode step produced for one request."""
+    """What one step produced for one request."""
 
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None = None  # "stop" | "length" once finished
+
+
+@dataclass
+class GenerationResult:
+    """A whole generation: its chunks joined."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + chunk.logprobs
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+
+class OutputStream:
+    """The chunks of one or more generations, in the order the engine produced them."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException]] = asyncio.Queue()
+        self.handles: list[RequestHandle] = []
+
+    def push(self, index: int, item: GenerationChunk | BaseException) -> None:
+        """Thread-safe: the engine thread calls this."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, item))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        unfinished = len(self.handles)
+        while unfinished:
+            index, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                unfinished -= 1
+            yield index, item
+
+    async def results(self) -> list[GenerationResult]:
+        """Waits for every generation; results are in handle order."""
+        results = [GenerationResult() for _ in self.handles]
+        async for index, chunk in self:
+            results[index].add(chunk)
+        return results
+
+    def abort(self) -> None:
+        """Asks the engine to drop every unfinished generation (the client went away)."""
+        for handle in self.handles:
+            handle.aborted = True
 
 
 @dataclass
@@ -29,61 +88,18 @@ class PromptScores:
 
 
 class RequestHandle:
-    """The caller's side of one generation: iterate it (async) for chunks, `abort()` to cancel.
+    """The engine's record of one generation and where its chunks go."""
 
-    Chunks are pushed from the engine thread with `call_soon_threadsafe`, so the event loop
-    never blocks on the model.
-    """
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stream: OutputStream):
         self.request_id = f"req-{next(_ids)}"
         self.prompt_ids = prompt_ids
         self.params = params
+        self.stream = stream
+        self.index = len(stream.handles)
+        stream.handles.append(self)
         self.model_version = 0
         self.prompt_scores: PromptScores | None = None
         self.aborted = False
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        self._done = False
 
-    def abort(self) -> None:
-        """Asks the engine to drop this request at its next step (client went away)."""
-        self.aborted = True
-
-    # -- called from the engine thread --------------------------------------------------------
     def push(self, item: GenerationChunk | BaseException) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-    # -- called from the event loop -----------------------------------------------------------
-    def __aiter__(self) -> RequestHandle:
-        return self
-
-    async def __anext__(self) -> GenerationChunk:
-        if self._done and self._queue.empty():
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item.finish_reason is not None:
-            self._done = True
-        return item
-
-    async def result(self) -> GenerationResult:
-        """Waits for the whole generation and joins its chunks."""
-        out = GenerationResult()
-        async for chunk in self:
-            out.text += chunk.text
-            out.token_ids += chunk.token_ids
-            if chunk.logprobs is not None:
-                out.logprobs = (out.logprobs or []) + chunk.logprobs
-            out.finish_reason = chunk.finish_reason or out.finish_reason
-        return out
-
-
-@dataclass
-class GenerationResult:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
+        self.stream.push(self.index, item)

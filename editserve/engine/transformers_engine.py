@@ -18,7 +18,7 @@ import torch
 
 from editserve.engine.detokenizer import IncrementalDetokenizer
 from editserve.engine.kvcache import SlotKVCache
-from editserve.engine.request import GenerationChunk, PromptScores, RequestHandle
+from editserve.engine.request import GenerationChunk, OutputStream, PromptScores, RequestHandle
 from editserve.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from editserve.modelstore import LoadedModel
 
@@ -85,9 +85,12 @@ class TransformersEngine:
 
     # -- called from the event loop ----------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
-        """Queues a generation. Limits are the caller's to check (see `check_length`)."""
-        handle = RequestHandle(prompt_ids, params)
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, stream: OutputStream
+    ) -> RequestHandle:
+        """Queues a generation whose chunks go to `stream`. The caller checks limits first
+        (`check_length`)."""
+        handle = RequestHandle(prompt_ids, params, stream)
         handle.model_version = self.model_version
         with self._wake:
             self._waiting.append(handle)

@@ -1,0 +1,51 @@
+"""Shared route dependencies: the app's state and the API key check."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from editserve.api.errors import APIError
+from editserve.api.serving import OpenAIServing
+from editserve.config import Settings
+from editserve.engine.transformers_engine import TransformersEngine
+from editserve.metrics import ServerMetrics
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: TransformersEngine
+    metrics: ServerMetrics
+    serving: OpenAIServing
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.editserve
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """Inference routes: open when no EDITSERVE_API_KEY is set, else the key as a Bearer token."""
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    given = _bearer(request)
+    if given is None or not secrets.compare_digest(given, expected.get_secret_value()):
+        raise APIError(
+            401,
+            "invalid or missing API key: send it as the header 'Authorization: Bearer <key>'",
+            type="authentication_error",
+            code="invalid_api_key",
+        )

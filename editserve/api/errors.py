@@ -1,0 +1,95 @@
+"""One error shape for every failure: OpenAI's {"error": {message, type, param, code}}.
+
+Routes and services raise `APIError` (or let validation fail); the handlers registered once in
+`build_app` turn everything into that shape. Unexpected exceptions become a 500 that says so and
+is logged with its traceback; bad input never reaches that path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _json(status: int, body: dict) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first problem, as 'field.path: what is wrong', and the field path."""
+    errors = exc.errors()
+    if not errors:
+        return "the request is invalid", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON ({detail})".replace(" ()", ""), None
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    kind = first.get("type")
+    message = _FRIENDLY.get(kind or "", first.get("msg", "invalid value"))
+    if not param and kind in ("model_attributes_type", "dict_type"):
+        message = "the request body must be a JSON object (send Content-Type: application/json)"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+
+
+# pydantic's wording where a plainer one helps.
+_FRIENDLY = {"missing": "this field is required", "too_short": "must not be empty"}
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _json(exc.status, error_body(exc.message, exc.type, exc.param, exc.code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return _json(400, error_body(message, "invalid_request_error", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
+        return _json(exc.status_code, error_body(str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _json(500, error_body(f"internal error: {exc.__class__.__name__}", "server_error"))

@@ -1,0 +1,153 @@
+"""Wire models of the OpenAI-compatible routes. Requests convert themselves to engine types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from editserve.engine.sampling import SamplingParams
+
+
+class APIModel(BaseModel):
+    # Unknown fields are accepted (clients send vendor extras) and ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(APIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(APIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(APIModel):
+    include_usage: bool = False
+
+
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+class _SamplingFields(APIModel):
+    model: str = Field(description="the served model's id, as /v1/models lists it")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16, description="choices per prompt")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, description="not supported: must be 0")
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past EOS")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("penalties are not supported by this server; send 0 or leave it out")
+        return value
+
+    def stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(
+        self,
+        max_tokens: int,
+        choice: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
+        # n > 1 with a seed: each choice gets its own, still reproducible, stream.
+        seed = None if self.seed is None else (self.seed + choice) % 2**63
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed,
+            stop=self.stops(),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        # "developer" is OpenAI's newer name for the system role.
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Prompt
+    max_tokens: int | None = Field(
+        16, ge=0, description="0 only with echo: score the prompt without generating"
+    )
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = Field(None, description="not supported")
+    best_of: int | None = Field(None, description="only 1 is supported")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> None:
+        if suffix:
+            raise ValueError("suffix (insertion) is not supported by this server")
+        return None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported; use n for several choices")
+        return best_of
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt list is empty")
+        return prompt
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class Usage(APIModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

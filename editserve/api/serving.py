@@ -1,0 +1,341 @@
+"""The OpenAI-compatible generation service: requests in, engine generations, responses out.
+
+Routes stay thin: each calls one method here. This layer turns prompts into tokens (through the
+model's chat template for chat), checks them against the context window, submits one generation
+per prompt and choice, and shapes the answer (JSON, or SSE chunks ending with `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from editserve.api.errors import APIError, bad_request, error_body
+from editserve.api.schemas import ChatCompletionRequest, CompletionRequest
+from editserve.engine.request import GenerationResult, OutputStream
+from editserve.engine.sampling import SamplingParams, TokenLogprob
+from editserve.engine.transformers_engine import TransformersEngine
+from editserve.metrics import ServerMetrics
+
+T = TypeVar("T")
+VERSION_HEADER = "x-editserve-model-version"
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class OpenAIServing:
+    def __init__(self, engine: TransformersEngine, metrics: ServerMetrics, model_name: str):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.metrics = metrics
+        self.model_name = model_name
+        self.created = int(time.time())
+
+    # -- /v1/models ------------------------------------------------------------------------------
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "editserve",
+            "max_model_len": self.engine.max_model_len,
+        }
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    # -- /v1/chat/completions ----------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, http: Request) -> Response:
+        self.check_model(req.model)
+        prompt = self._render_chat(req)
+        max_tokens = self._max_tokens(req.requested_max_tokens(), len(prompt))
+        stream = self._submit(
+            [prompt] * req.n, lambda i: req.sampling_params(max_tokens, i, req.logprobs_k())
+        )
+        version = {VERSION_HEADER: str(stream.handles[0].model_version)}
+        meta = _meta("chatcmpl", "chat.completion.chunk", self.model_name)
+        if req.stream:
+            events = self._chat_events(stream, meta, len(prompt), req.include_usage(), time.monotonic())
+            return _sse(events, stream, version)
+        results = await self._collect(http, stream)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": self._chat_logprobs(r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
+            for i, r in enumerate(results)
+        ]
+        body = {**meta, "object": "chat.completion", "choices": choices}
+        body["usage"] = self._usage(len(prompt), results)
+        return JSONResponse(body, headers=version)
+
+    def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise bad_request(
+                "this model has no chat template; use /v1/completions with a plain prompt",
+                param="messages",
+            )
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                req.template_messages(), add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # the template's own checks (role order, ...) raise here
+            raise bad_request(f"the messages do not fit the model's chat template: {exc}",
+                              param="messages") from exc
+        return list(ids)
+
+    async def _chat_events(
+        self, stream: OutputStream, meta: dict, prompt_tokens: int, usage: bool, started: float
+    ) -> AsyncIterator[dict]:
+        extra = {"usage": None} if usage else {}
+        for handle in stream.handles:
+            delta = {"role": "assistant", "content": ""}
+            yield {**meta, "choices": [_chunk_choice(handle.index, delta)], **extra}
+        results = [GenerationResult() for _ in stream.handles]
+        async for index, chunk in self._timed(stream, started):
+            results[index].add(chunk)
+            delta = {"content": chunk.text} if chunk.text else {}
+            if not delta and chunk.finish_reason is None and chunk.logprobs is None:
+                continue  # text held back (a possible stop string, a partial character)
+            logprobs = self._chat_logprobs(chunk.logprobs)
+            choice = _chunk_choice(index, delta, chunk.finish_reason, logprobs)
+            yield {**meta, "choices": [choice], **extra}
+        if usage:
+            yield {**meta, "choices": [], "usage": self._usage(prompt_tokens, results)}
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprob] | None) -> dict | None:
+        if logprobs is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.tokenizer.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                for lp in logprobs
+            ]
+        }
+
+    # -- /v1/completions ---------------------------------------------------------------------------
+
+    async def completion(self, req: CompletionRequest, http: Request) -> Response:
+        self.check_model(req.model)
+        prompts = self._tokenize_prompts(req.prompt)
+        if req.max_tokens == 0 and not req.echo:
+            raise bad_request(
+                "max_tokens must be at least 1 (0 is allowed only with echo, to score the prompt)",
+                param="max_tokens",
+            )
+        if req.echo and req.stream:
+            raise bad_request("echo is not supported with stream", param="echo")
+        budgets = [self._max_tokens(req.max_tokens, len(p)) for p in prompts]
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        per_choice = [p for p in prompts for _ in range(req.n)]
+        stream = self._submit(
+            per_choice,
+            lambda i: req.sampling_params(budgets[i // req.n], i, req.logprobs, prompt_logprobs),
+        )
+        version = {VERSION_HEADER: str(stream.handles[0].model_version)}
+        prompt_tokens = sum(len(p) for p in prompts)
+        meta = _meta("cmpl", "text_completion", self.model_name)
+        if req.stream:
+            events = self._completion_events(stream, meta, prompt_tokens, req, time.monotonic())
+            return _sse(events, stream, version)
+        results = await self._collect(http, stream)
+        choices = []
+        for handle, result in zip(stream.handles, results, strict=True):
+            text, logprobs = result.text, None
+            if req.echo:
+                text = self.tokenizer.decode(handle.prompt_ids, skip_special_tokens=False) + text
+            if req.logprobs is not None:
+                scored = handle.prompt_scores.logprobs if handle.prompt_scores else []
+                logprobs = self._completion_logprobs(
+                    handle.prompt_ids if req.echo else [], scored, result.logprobs or []
+                )
+            choices.append(
+                {"index": handle.index, "text": text, "logprobs": logprobs,
+                 "finish_reason": result.finish_reason}
+            )
+        body = {**meta, "choices": choices, "usage": self._usage(prompt_tokens, results)}
+        return JSONResponse(body, headers=version)
+
+    def _tokenize_prompts(self, prompt: str | list) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts: list[list[int]] = [self.tokenizer.encode(prompt)]
+        elif all(isinstance(p, str) for p in prompt):
+            prompts = [self.tokenizer.encode(p) for p in prompt]
+        elif all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [list(p) for p in prompt]
+        vocab = len(self.tokenizer)
+        for ids in prompts:
+            if not ids:
+                raise bad_request("a prompt is empty", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise bad_request(f"token ids must lie in 0..{vocab - 1}", param="prompt")
+        return prompts
+
+    async def _completion_events(
+        self, stream: OutputStream, meta: dict, prompt_tokens: int, req: CompletionRequest,
+        started: float,
+    ) -> AsyncIterator[dict]:
+        extra = {"usage": None} if req.include_usage() else {}
+        results = [GenerationResult() for _ in stream.handles]
+        async for index, chunk in self._timed(stream, started):
+            results[index].add(chunk)
+            if not chunk.text and chunk.finish_reason is None and chunk.logprobs is None:
+                continue
+            logprobs = None
+            if chunk.logprobs is not None:
+                logprobs = self._completion_logprobs([], [], chunk.logprobs)
+            choice = {"index": index, "text": chunk.text, "logprobs": logprobs,
+                      "finish_reason": chunk.finish_reason}
+            yield {**meta, "choices": [choice], **extra}
+        if req.include_usage():
+            yield {**meta, "choices": [], "usage": self._usage(prompt_tokens, results)}
+
+    def _completion_logprobs(
+        self, prompt_ids: list[int], prompt_scored: list[TokenLogprob], generated: list[TokenLogprob]
+    ) -> dict:
+        """The legacy completions shape. With echo, the first prompt token has no logprob."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top: list[dict[str, float] | None] = []
+        if prompt_ids:
+            tokens.append(self.tokenizer.decode([prompt_ids[0]]))
+            token_logprobs.append(None)
+            top.append(None)
+        for lp in [*prompt_scored, *generated]:
+            tokens.append(self.tokenizer.decode([lp.token_id]))
+            token_logprobs.append(lp.logprob)
+            top.append({self.tokenizer.decode([t]): v for t, v in lp.top})
+        offsets, at = [], 0
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+                "text_offset": offsets}
+
+    # -- shared ----------------------------------------------------------------------------------
+
+    def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
+        """The completion budget: as asked, or what the context window leaves."""
+        limit = self.engine.max_model_len
+        if prompt_tokens >= limit:
+            raise bad_request(
+                f"the prompt has {prompt_tokens} tokens, more than this model's maximum context "
+                f"length of {limit} tokens allows (leave room for at least one generated token)",
+                param="messages", code="context_length_exceeded",
+            )
+        budget = limit - prompt_tokens if requested is None else requested
+        problem = self.engine.check_length(prompt_tokens, budget)
+        if problem:
+            raise bad_request(problem, param="max_tokens", code="context_length_exceeded")
+        return budget
+
+    def _submit(
+        self, prompts: list[list[int]], params_for: Callable[[int], SamplingParams]
+    ) -> OutputStream:
+        stream = OutputStream()
+        for i, prompt in enumerate(prompts):
+            self.engine.submit(prompt, params_for(i), stream)
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        return stream
+
+    async def _timed(self, stream: OutputStream, started: float) -> AsyncIterator:
+        """The stream's chunks, recording time to first token and token counts."""
+        seen: set[int] = set()
+        async for index, chunk in stream:
+            if index not in seen:
+                seen.add(index)
+                self.metrics.time_to_first_token.observe(time.monotonic() - started)
+            self.metrics.generation_tokens.inc(len(chunk.token_ids))
+            yield index, chunk
+
+    async def _collect(self, http: Request, stream: OutputStream) -> list[GenerationResult]:
+        started = time.monotonic()
+
+        async def gather() -> list[GenerationResult]:
+            results = [GenerationResult() for _ in stream.handles]
+            async for index, chunk in self._timed(stream, started):
+                results[index].add(chunk)
+            return results
+
+        try:
+            return await _until_disconnect(http, gather())
+        finally:
+            stream.abort()  # no-op for finished generations; frees the rows of abandoned ones
+
+    @staticmethod
+    def _usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, int]:
+        completion = sum(len(r.token_ids) for r in results)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+
+def _meta(prefix: str, obj: str, model: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
+            "model": model}
+
+
+def _chunk_choice(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _sse(events: AsyncIterator[dict], stream: OutputStream, headers: dict) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as exc:  # headers are gone: report in-band, as OpenAI does
+            yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
+        finally:
+            stream.abort()  # the client left (or we finished): free the batch rows
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def _until_disconnect(http: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected()

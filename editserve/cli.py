@@ -1,0 +1,90 @@
+"""`editserve` command line. `serve` composes settings, model, engine and app, then runs uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from editserve.config import ConfigError, Settings
+
+log = logging.getLogger("editserve")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible API")
+    p.add_argument("--config", help="YAML settings file (also EDITSERVE_CONFIG)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; also EDITSERVE_PORT)")
+    p.add_argument("--model", help="local Hugging Face folder (default: the embedded SmolLM2)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: folder name)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-batch", type=int, help="requests decoded together (default 32)")
+    p.add_argument("--max-model-len", type=int, help="cap on prompt + completion tokens")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily for a fast --help)
+    import torch
+
+    from editserve.api.app import build_app
+    from editserve.engine.transformers_engine import TransformersEngine
+    from editserve.metrics import ServerMetrics
+    from editserve.modelstore import load_model
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = settings.resolved_device()
+    loaded = load_model(settings.model, settings.cache_dir, settings.dtype, device)
+    metrics = ServerMetrics()
+    engine = TransformersEngine(
+        loaded,
+        max_batch=settings.max_batch,
+        max_model_len=settings.max_model_len,
+        on_step=metrics.on_step,
+    )
+    log.info(
+        "model %s (%s, %s, %s), context %d tokens",
+        settings.served_model_name or loaded.name, loaded.source, device,
+        str(next(loaded.model.parameters()).dtype).removeprefix("torch."), engine.max_model_len,
+    )
+    return build_app(settings, engine, metrics)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings.load(
+        args.config,
+        host=args.host, port=args.port, model=args.model,
+        served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        max_batch=args.max_batch, max_model_len=args.max_model_len, threads=args.threads,
+        log_level=args.log_level,
+    )
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = build_server(settings)
+    log.info("serving on http://%s:%d/v1", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="editserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"serve": serve}[args.command](args)
+    except (ConfigError, ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"editserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

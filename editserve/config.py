@@ -1,0 +1,80 @@
+"""Server settings: defaults < a YAML file (--config / EDITSERVE_CONFIG) < EDITSERVE_* env < CLI.
+
+Built once in `cli` and passed down; nothing reads settings at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDITSERVE_", extra="forbid")
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Model
+    model: str | None = Field(None, description="local HF folder; None serves the embedded model")
+    served_model_name: str | None = Field(None, description="the name clients send as `model`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    # Engine
+    max_batch: int = Field(32, ge=1, le=256, description="requests decoded together per step")
+    max_model_len: int | None = Field(None, ge=16, description="cap on prompt + completion")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    # Keys: inference routes need api_key when it is set.
+    api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    # Folders
+    cache_dir: Path = Path("~/.cache/editserve").expanduser()
+    state_dir: Path = Path("~/.local/state/editserve").expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: object) -> Settings:
+        """Settings from every source; `overrides` (CLI flags) that are None are left out."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        config_file = config_file or os.environ.get("EDITSERVE_CONFIG")
+        if not config_file:
+            return cls(**overrides)
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+
+        class FileSettings(cls):  # type: ignore[valid-type, misc]
+            model_config = SettingsConfigDict(**cls.model_config, yaml_file=path)
+
+        return FileSettings(**overrides)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
