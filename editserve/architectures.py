@@ -47,7 +47,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         layers="gpt_neox.layers",
         down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",
     ),
 }
 

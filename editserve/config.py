@@ -68,7 +68,7 @@ class Settings(BaseSettings):
             raise ConfigError(f"config file {path} does not exist")
 
         class FileSettings(cls):  # type: ignore[valid-type, misc]
-            model_config = SettingsConfigDict(**cls.model_config, yaml_file=path)
+            model_config = SettingsConfigDict(**{**cls.model_config, "yaml_file": path})
 
         return FileSettings(**overrides)
 

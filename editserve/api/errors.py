@@ -85,9 +85,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return _json(400, error_body(message, "invalid_request_error", param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
-        return _json(exc.status_code, error_body(str(exc.detail), kind))
+        message = str(exc.detail)
+        if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+            message = f"{message.lower()}: {request.method} {request.url.path}"
+        return _json(exc.status_code, error_body(message, kind))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
