@@ -149,6 +149,8 @@ async def stream_completion(
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        # Every request generates exactly max_tokens, like the forced-length baseline.
+        "ignore_eos": True,
     }
     result = RequestResult()
     first = last = None
@@ -264,7 +266,8 @@ async def bench_server(
             raise RuntimeError(f"warm-up request failed: {warm.error}")
         results = []
         for c in levels:
-            n = requests_per_level or max(2 * c, 4)
+            # Fewer requests than workers would leave fewer than `c` in flight.
+            n = max(requests_per_level, c) if requests_per_level else max(2 * c, 4)
             level = await run_level(client, target, prompts(0, n), c, max_tokens)
             results.append(level)
             print(
@@ -467,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--requests",
         type=int,
         dest="requests",
-        help="requests per level (default: 2 x concurrency, at least 4)",
+        help="requests per level, at least the concurrency (default: 2 x concurrency, at least 4)",
     )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument(
@@ -478,7 +481,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--baseline-batches", type=int_list, default=[1, 8])
     p.add_argument("--baseline-tokens", type=int, default=128)
-    p.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "serve.json"
+    )
     return p.parse_args(argv)
 
 

@@ -49,8 +49,11 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     )
     log.info(
         "model %s (%s, %s, %s), context %d tokens",
-        settings.served_model_name or loaded.name, loaded.source, device,
-        str(next(loaded.model.parameters()).dtype).removeprefix("torch."), engine.max_model_len,
+        settings.served_model_name or loaded.name,
+        loaded.source,
+        device,
+        str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        engine.max_model_len,
     )
     return build_app(settings, engine, metrics)
 
@@ -60,21 +63,30 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = Settings.load(
         args.config,
-        host=args.host, port=args.port, model=args.model,
-        served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
-        max_batch=args.max_batch, max_model_len=args.max_model_len, threads=args.threads,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        threads=args.threads,
         log_level=args.log_level,
     )
     logging.getLogger().setLevel(settings.log_level.upper())
     app = build_server(settings)
     log.info("serving on http://%s:%d/v1", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     parser = argparse.ArgumentParser(prog="editserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)

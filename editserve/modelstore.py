@@ -95,7 +95,9 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
             dtype
         ]
     except KeyError:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}") from None
+        raise ValueError(
+            f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}"
+        ) from None
 
 
 def load_model(

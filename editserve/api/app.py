@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from editserve.api import routes_ops, routes_openai
+from editserve.api import routes_openai, routes_ops
 from editserve.api.deps import AppState
 from editserve.api.errors import install_error_handlers
 from editserve.api.serving import OpenAIServing

@@ -23,7 +23,9 @@ async def get_model(model_id: str, state: StateDep) -> dict:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Response:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: StateDep
+) -> Response:
     return await state.serving.chat(body, request)
 
 

@@ -73,7 +73,9 @@ class OpenAIServing:
         version = {VERSION_HEADER: str(stream.handles[0].model_version)}
         meta = _meta("chatcmpl", "chat.completion.chunk", self.model_name)
         if req.stream:
-            events = self._chat_events(stream, meta, len(prompt), req.include_usage(), time.monotonic())
+            events = self._chat_events(
+                stream, meta, len(prompt), req.include_usage(), time.monotonic()
+            )
             return _sse(events, stream, version)
         results = await self._collect(http, stream)
         choices = [
@@ -97,11 +99,15 @@ class OpenAIServing:
             )
         try:
             ids = self.tokenizer.apply_chat_template(
-                req.template_messages(), add_generation_prompt=True, tokenize=True, return_dict=False
+                req.template_messages(),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
             )
         except Exception as exc:  # the template's own checks (role order, ...) raise here
-            raise bad_request(f"the messages do not fit the model's chat template: {exc}",
-                              param="messages") from exc
+            raise bad_request(
+                f"the messages do not fit the model's chat template: {exc}", param="messages"
+            ) from exc
         return list(ids)
 
     async def _chat_events(
@@ -175,8 +181,12 @@ class OpenAIServing:
                     handle.prompt_ids if req.echo else [], scored, result.logprobs or []
                 )
             choices.append(
-                {"index": handle.index, "text": text, "logprobs": logprobs,
-                 "finish_reason": result.finish_reason}
+                {
+                    "index": handle.index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": result.finish_reason,
+                }
             )
         body = {**meta, "choices": choices, "usage": self._usage(prompt_tokens, results)}
         return JSONResponse(body, headers=version)
@@ -199,7 +209,11 @@ class OpenAIServing:
         return prompts
 
     async def _completion_events(
-        self, stream: OutputStream, meta: dict, prompt_tokens: int, req: CompletionRequest,
+        self,
+        stream: OutputStream,
+        meta: dict,
+        prompt_tokens: int,
+        req: CompletionRequest,
         started: float,
     ) -> AsyncIterator[dict]:
         extra = {"usage": None} if req.include_usage() else {}
@@ -211,14 +225,21 @@ class OpenAIServing:
             logprobs = None
             if chunk.logprobs is not None:
                 logprobs = self._completion_logprobs([], [], chunk.logprobs)
-            choice = {"index": index, "text": chunk.text, "logprobs": logprobs,
-                      "finish_reason": chunk.finish_reason}
+            choice = {
+                "index": index,
+                "text": chunk.text,
+                "logprobs": logprobs,
+                "finish_reason": chunk.finish_reason,
+            }
             yield {**meta, "choices": [choice], **extra}
         if req.include_usage():
             yield {**meta, "choices": [], "usage": self._usage(prompt_tokens, results)}
 
     def _completion_logprobs(
-        self, prompt_ids: list[int], prompt_scored: list[TokenLogprob], generated: list[TokenLogprob]
+        self,
+        prompt_ids: list[int],
+        prompt_scored: list[TokenLogprob],
+        generated: list[TokenLogprob],
     ) -> dict:
         """The legacy completions shape. With echo, the first prompt token has no logprob."""
         tokens: list[str] = []
@@ -236,8 +257,12 @@ class OpenAIServing:
         for token in tokens:
             offsets.append(at)
             at += len(token)
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
     # -- shared ----------------------------------------------------------------------------------
 
@@ -248,7 +273,8 @@ class OpenAIServing:
             raise bad_request(
                 f"the prompt has {prompt_tokens} tokens, more than this model's maximum context "
                 f"length of {limit} tokens allows (leave room for at least one generated token)",
-                param="messages", code="context_length_exceeded",
+                param="messages",
+                code="context_length_exceeded",
             )
         budget = limit - prompt_tokens if requested is None else requested
         problem = self.engine.check_length(prompt_tokens, budget)
@@ -292,13 +318,20 @@ class OpenAIServing:
     @staticmethod
     def _usage(prompt_tokens: int, results: list[GenerationResult]) -> dict[str, int]:
         completion = sum(len(r.token_ids) for r in results)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
 
 
 def _meta(prefix: str, obj: str, model: str) -> dict[str, Any]:
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()),
-            "model": model}
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+    }
 
 
 def _chunk_choice(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> dict:

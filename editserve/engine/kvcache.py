@@ -44,7 +44,7 @@ class SlotKVCache:
         self._prefill = False
 
     def move_row(self, source: int, target: int, length: int) -> None:
-        """Copies the first `length` columns of row `source` into row `target` (batch compaction)."""
+        """Copies the first `length` columns of row `source` into row `target` (compaction)."""
         for buffers in (self._keys, self._values):
             for buffer in buffers.values():
                 buffer[target, :, :length] = buffer[source, :, :length]
@@ -57,7 +57,9 @@ class SlotKVCache:
         # key, value: [B, kv_heads, T, head_dim]
         keys, values = self._buffers(layer_idx, key)
         rows = self._rows
-        assert rows is not None and rows.numel() == key.shape[0], "cache not prepared for this batch"
+        assert rows is not None and rows.numel() == key.shape[0], (
+            "cache not prepared for this batch"
+        )
         if self._prefill:
             t = key.shape[2]
             keys[rows, :, :t] = key

@@ -31,8 +31,13 @@ def client() -> Iterator[TestClient]:
 
 
 def chat(client: TestClient, **body: object):
-    payload = {"model": MODEL, "messages": [{"role": "user", "content": "Hi there"}],
-               "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi there"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     return client.post("/v1/chat/completions", json={**payload, **body})
 
 
@@ -82,11 +87,19 @@ def test_chat_completion_shape_and_usage(client: TestClient) -> None:
 
 def test_streamed_chunks_join_to_the_non_streamed_text(client: TestClient) -> None:
     whole = chat(client, max_tokens=20).json()["choices"][0]["message"]["content"]
-    with client.stream("POST", "/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 20,
-        "temperature": 0, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True},
-    }) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi there"}],
+            "max_tokens": 20,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
@@ -121,9 +134,16 @@ def test_chat_logprobs(client: TestClient) -> None:
 
 
 def test_completions_echo_with_prompt_logprobs(client: TestClient) -> None:
-    r = client.post("/v1/completions", json={
-        "model": MODEL, "prompt": "Paris is", "max_tokens": 0, "echo": True, "logprobs": 1,
-    })
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "Paris is",
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 1,
+        },
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["text"] == "Paris is"
@@ -135,15 +155,28 @@ def test_completions_echo_with_prompt_logprobs(client: TestClient) -> None:
 
 
 def test_completions_several_prompts_and_token_ids(client: TestClient) -> None:
-    r = client.post("/v1/completions", json={
-        "model": MODEL, "prompt": ["ab", "cd"], "max_tokens": 3, "temperature": 0,
-        "ignore_eos": True,
-    })
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": ["ab", "cd"],
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
     token_ids = client.app.state.editserve.engine.tokenizer.encode("ab")
-    ids = client.post("/v1/completions", json={
-        "model": MODEL, "prompt": token_ids, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
-    }).json()
+    ids = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": token_ids,
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    ).json()
     assert ids["choices"][0]["text"] == r.json()["choices"][0]["text"]
 
 
@@ -156,18 +189,32 @@ def test_completions_several_prompts_and_token_ids(client: TestClient) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, None),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, None),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
-         "max_tokens"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -3},
-         "max_tokens"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
-         "max_tokens"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": -0.5},
-         "temperature"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            "max_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -3},
+            "max_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"},
+            "max_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": -0.5},
+            "temperature",
+        ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-          "presence_penalty": 1.0}, "presence_penalty"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "presence_penalty": 1.0,
+            },
+            "presence_penalty",
+        ),
     ],
 )
 def test_invalid_chat_requests_get_400(client: TestClient, body: dict, param: str | None) -> None:
@@ -206,18 +253,22 @@ def test_malformed_and_non_object_bodies_are_400(client: TestClient) -> None:
 
 def test_completion_specific_errors(client: TestClient) -> None:
     base = {"model": MODEL, "prompt": "ab"}
-    assert_error(client.post("/v1/completions", json={**base, "max_tokens": 0}), 400,
-                 param="max_tokens")
+    assert_error(
+        client.post("/v1/completions", json={**base, "max_tokens": 0}), 400, param="max_tokens"
+    )
     assert_error(client.post("/v1/completions", json={**base, "prompt": []}), 400)
-    assert_error(client.post("/v1/completions", json={**base, "prompt": [10**9]}), 400,
-                 param="prompt")
+    assert_error(
+        client.post("/v1/completions", json={**base, "prompt": [10**9]}), 400, param="prompt"
+    )
     assert_error(client.post("/v1/completions", json={**base, "suffix": "x"}), 400)
     assert_error(client.post("/v1/completions", json={**base, "logprobs": 50}), 400)
 
 
 def test_server_still_answers_after_errors(client: TestClient) -> None:
     for _ in range(3):
-        client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
+        client.post(
+            "/v1/chat/completions", content=b"{", headers={"content-type": "application/json"}
+        )
     assert chat(client).status_code == 200
 
 

@@ -113,8 +113,9 @@ def test_seed_makes_sampling_reproducible(engine: TransformersEngine) -> None:
     params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=123, ignore_eos=True)
     a, b = run(engine, [(prompt, params), (prompt, params)])
     assert a.token_ids == b.token_ids
-    c = run(engine, [(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=7,
-                                              ignore_eos=True))])[0]
+    c = run(
+        engine, [(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True))]
+    )[0]
     assert c.token_ids != a.token_ids
 
 
