@@ -18,7 +18,8 @@ class SlotKVCache:
     def __init__(self, num_slots: int, max_len: int, initial_capacity: int = 256) -> None:
         self.num_slots = num_slots
         self.max_len = max_len
-        self.capacity = min(initial_capacity, max_len)
+        self._initial_capacity = min(initial_capacity, max_len)
+        self.capacity = self._initial_capacity
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
         # Set by `prepare_*` before each forward pass.
@@ -99,8 +100,13 @@ class SlotKVCache:
                 buffers[layer_idx] = grown
         self.capacity = new_capacity
 
-    def release(self) -> None:
-        """Frees the buffers (when the engine goes idle, the memory returns)."""
-        self._keys.clear()
-        self._values.clear()
-        self.capacity = min(256, self.max_len)
+    def shrink(self) -> None:
+        """Frees buffers that grew past their initial size (called when the engine goes idle).
+
+        Buffers of the initial size are kept: reallocating them would cost every request that
+        arrives at an idle server tens of milliseconds of time to first token.
+        """
+        if self.capacity > self._initial_capacity:
+            self._keys.clear()
+            self._values.clear()
+            self.capacity = self._initial_capacity

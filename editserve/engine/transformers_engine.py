@@ -124,7 +124,7 @@ class TransformersEngine:
             while True:
                 with self._wake:
                     while not self._stopping and not self._waiting and not self._running:
-                        self._cache.release()  # idle: give the cache memory back
+                        self._cache.shrink()  # idle: give grown cache memory back
                         self._wake.wait()
                     if self._stopping:
                         return
