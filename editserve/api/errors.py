@@ -37,6 +37,10 @@ class APIError(Exception):
         )
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -91,6 +95,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
             message = f"{message.lower()}: {request.method} {request.url.path}"
         return _json(exc.status_code, error_body(message, kind))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> JSONResponse:
+        # Nobody reads this; 499 (nginx's "client closed request") keeps the log and metrics honest.
+        return _json(499, error_body("the client closed the connection", "client_closed"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from editserve.api.errors import APIError, bad_request, error_body
+from editserve.api.errors import APIError, ClientDisconnected, bad_request, error_body
 from editserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from editserve.engine.request import GenerationResult, OutputStream
 from editserve.engine.sampling import SamplingParams, TokenLogprob
@@ -26,10 +26,6 @@ from editserve.metrics import ServerMetrics
 
 T = TypeVar("T")
 VERSION_HEADER = "x-editserve-model-version"
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 class OpenAIServing:
