@@ -66,13 +66,12 @@ class OpenAIServing:
         stream = self._submit(
             [prompt] * req.n, lambda i: req.sampling_params(max_tokens, i, req.logprobs_k())
         )
-        version = {VERSION_HEADER: str(stream.handles[0].model_version)}
         meta = _meta("chatcmpl", "chat.completion.chunk", self.model_name)
         if req.stream:
-            events = self._chat_events(
-                stream, meta, len(prompt), req.include_usage(), time.monotonic()
-            )
-            return _sse(events, stream, version)
+            started = time.monotonic()
+            await stream.admitted()  # the version header must name the weights it runs on
+            events = self._chat_events(stream, meta, len(prompt), req.include_usage(), started)
+            return _sse(events, stream, _version(stream))
         results = await self._collect(http, stream)
         choices = [
             {
@@ -85,7 +84,7 @@ class OpenAIServing:
         ]
         body = {**meta, "object": "chat.completion", "choices": choices}
         body["usage"] = self._usage(len(prompt), results)
-        return JSONResponse(body, headers=version)
+        return JSONResponse(body, headers=_version(stream))
 
     def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
         if not self.tokenizer.chat_template:
@@ -159,12 +158,13 @@ class OpenAIServing:
             per_choice,
             lambda i: req.sampling_params(budgets[i // req.n], i, req.logprobs, prompt_logprobs),
         )
-        version = {VERSION_HEADER: str(stream.handles[0].model_version)}
         prompt_tokens = sum(len(p) for p in prompts)
         meta = _meta("cmpl", "text_completion", self.model_name)
         if req.stream:
-            events = self._completion_events(stream, meta, prompt_tokens, req, time.monotonic())
-            return _sse(events, stream, version)
+            started = time.monotonic()
+            await stream.admitted()
+            events = self._completion_events(stream, meta, prompt_tokens, req, started)
+            return _sse(events, stream, _version(stream))
         results = await self._collect(http, stream)
         choices = []
         for handle, result in zip(stream.handles, results, strict=True):
@@ -185,7 +185,7 @@ class OpenAIServing:
                 }
             )
         body = {**meta, "choices": choices, "usage": self._usage(prompt_tokens, results)}
-        return JSONResponse(body, headers=version)
+        return JSONResponse(body, headers=_version(stream))
 
     def _tokenize_prompts(self, prompt: str | list) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -319,6 +319,11 @@ class OpenAIServing:
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
+
+
+def _version(stream: OutputStream) -> dict[str, str]:
+    """The model version every generation of this call ran on (the engine never mixes two)."""
+    return {VERSION_HEADER: str(stream.handles[0].model_version)}
 
 
 def _meta(prefix: str, obj: str, model: str) -> dict[str, Any]:

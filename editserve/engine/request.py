@@ -52,6 +52,21 @@ class OutputStream:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException]] = asyncio.Queue()
         self.handles: list[RequestHandle] = []
+        self._admitted = 0
+        self._all_admitted = asyncio.Event()
+
+    def mark_admitted(self) -> None:
+        """Thread-safe: the engine calls this as each generation joins the batch."""
+        self._loop.call_soon_threadsafe(self._count_admitted)
+
+    def _count_admitted(self) -> None:
+        self._admitted += 1
+        if self._admitted == len(self.handles):
+            self._all_admitted.set()
+
+    async def admitted(self) -> None:
+        """Returns once every generation has joined the batch (their model version is known)."""
+        await self._all_admitted.wait()
 
     def push(self, index: int, item: GenerationChunk | BaseException) -> None:
         """Thread-safe: the engine thread calls this."""
@@ -97,7 +112,7 @@ class RequestHandle:
         self.stream = stream
         self.index = len(stream.handles)
         stream.handles.append(self)
-        self.model_version = 0
+        self.model_version = -1  # set when the engine admits it
         self.prompt_scores: PromptScores | None = None
         self.aborted = False
 

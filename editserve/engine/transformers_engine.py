@@ -12,7 +12,9 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,6 +67,7 @@ class TransformersEngine:
         self._on_step = on_step
         self._waiting: deque[RequestHandle] = deque()
         self._running: list[_Running] = []
+        self._exclusive: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -82,6 +85,22 @@ class TransformersEngine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        for _, future in self._exclusive:
+            future.set_exception(RuntimeError("the engine stopped"))
+        self._exclusive.clear()
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Future:
+        """Runs `fn` on the engine thread with no request in flight: the way weights change.
+
+        Requests already running finish on the weights they started with (bounded by their
+        max_tokens); requests arriving meanwhile wait and start on the new weights. So no answer
+        ever mixes two versions of the model. `fn` may set `model_version`.
+        """
+        future: Future = Future()
+        with self._wake:
+            self._exclusive.append((fn, future))
+            self._wake.notify()
+        return future
 
     # -- called from the event loop ----------------------------------------------------------
 
@@ -91,7 +110,6 @@ class TransformersEngine:
         """Queues a generation whose chunks go to `stream`. The caller checks limits first
         (`check_length`)."""
         handle = RequestHandle(prompt_ids, params, stream)
-        handle.model_version = self.model_version
         with self._wake:
             self._waiting.append(handle)
             self._wake.notify()
@@ -123,12 +141,19 @@ class TransformersEngine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not self._running:
+                    while not (self._stopping or self._waiting or self._running or self._exclusive):
                         self._cache.shrink()  # idle: give grown cache memory back
                         self._wake.wait()
                     if self._stopping:
                         return
-                    newcomers = self._admit()
+                    operation = (
+                        self._exclusive.popleft() if self._exclusive and not self._running else None
+                    )
+                    # While a weight change is pending, nobody joins: the batch drains first.
+                    newcomers = [] if self._exclusive or operation else self._admit()
+                if operation is not None:
+                    self._run_exclusive(*operation)
+                    continue
                 try:
                     self._drop_aborted()
                     if newcomers:
@@ -140,6 +165,16 @@ class TransformersEngine:
                     for handle in newcomers + [r.handle for r in self._running]:
                         handle.push(exc)
                     self._running.clear()
+
+    @staticmethod
+    def _run_exclusive(fn: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode(False):
+                future.set_result(fn())
+        except BaseException as exc:  # the caller gets it; the engine goes on serving
+            future.set_exception(exc)
 
     def _admit(self) -> list[RequestHandle]:
         """Takes waiting requests while batch rows and the prefill token budget allow."""
@@ -154,6 +189,8 @@ class TransformersEngine:
                 break
             budget -= len(handle.prompt_ids)
             admitted.append(self._waiting.popleft())
+            handle.model_version = self.model_version
+            handle.stream.mark_admitted()
         return admitted
 
     def _drop_aborted(self) -> None:
