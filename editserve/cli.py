@@ -32,6 +32,8 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     import torch
 
     from editserve.api.app import build_app
+    from editserve.edits.journal import Journal
+    from editserve.edits.service import EditService
     from editserve.engine.transformers_engine import TransformersEngine
     from editserve.metrics import ServerMetrics
     from editserve.modelstore import load_model
@@ -55,7 +57,10 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         engine.max_model_len,
     )
-    return build_app(settings, engine, metrics)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    edits = EditService(engine, Journal(settings.state_dir))
+    edits.replay()
+    return build_app(settings, engine, metrics, edits)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -95,3 +95,19 @@ def tiny_model(kind: str = "llama", seed: int = 0, max_len: int = 256) -> Loaded
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+def build_test_app(loaded: LoadedModel, state_dir: Path, **settings: object):  # noqa: ANN201
+    """The whole server (engine, journal replayed, edits, API) around `loaded`."""
+    from editserve.api.app import build_app
+    from editserve.config import Settings
+    from editserve.edits.journal import Journal
+    from editserve.edits.service import EditService
+    from editserve.engine.transformers_engine import TransformersEngine
+    from editserve.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    engine = TransformersEngine(loaded, on_step=metrics.on_step)
+    edits = EditService(engine, Journal(state_dir))
+    edits.replay()
+    return build_app(Settings(state_dir=state_dir, **settings), engine, metrics, edits)

@@ -10,19 +10,23 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from editserve.api import routes_openai, routes_ops
+from editserve.api import routes_edits, routes_openai, routes_ops
 from editserve.api.deps import AppState
 from editserve.api.errors import install_error_handlers
 from editserve.api.serving import OpenAIServing
 from editserve.config import Settings
+from editserve.edits.service import EditService
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.metrics import ServerMetrics
 
 log = logging.getLogger("editserve.access")
 
 
-def build_app(settings: Settings, engine: TransformersEngine, metrics: ServerMetrics) -> FastAPI:
-    """The engine's thread starts with the app and stops with it."""
+def build_app(
+    settings: Settings, engine: TransformersEngine, metrics: ServerMetrics, edits: EditService
+) -> FastAPI:
+    """The engine's thread starts with the app and stops with it. `edits` has replayed the
+    journal already."""
     model_name = settings.served_model_name or engine.name
 
     @asynccontextmanager
@@ -39,8 +43,10 @@ def build_app(settings: Settings, engine: TransformersEngine, metrics: ServerMet
         engine=engine,
         metrics=metrics,
         serving=OpenAIServing(engine, metrics, model_name),
+        edits=edits,
     )
     app.include_router(routes_openai.router)
+    app.include_router(routes_edits.router)
     app.include_router(routes_ops.router)
     install_error_handlers(app)
     app.add_middleware(AccessLog, metrics=metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from dataclasses import dataclass
 from typing import Annotated
@@ -11,6 +12,7 @@ from fastapi import Depends, Request
 from editserve.api.errors import APIError
 from editserve.api.serving import OpenAIServing
 from editserve.config import Settings
+from editserve.edits.service import EditService
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.metrics import ServerMetrics
 
@@ -21,6 +23,7 @@ class AppState:
     engine: TransformersEngine
     metrics: ServerMetrics
     serving: OpenAIServing
+    edits: EditService
 
 
 def get_state(request: Request) -> AppState:
@@ -49,3 +52,32 @@ def require_api_key(request: Request, state: StateDep) -> None:
             type="authentication_error",
             code="invalid_api_key",
         )
+
+
+def require_admin(request: Request, state: StateDep) -> None:
+    """Edit routes: the admin key as a Bearer token; with none configured, loopback clients only."""
+    expected = state.settings.admin_key
+    if expected is None:
+        host = request.client.host if request.client else ""
+        if not _is_loopback(host):
+            raise APIError(
+                403,
+                "edits are open to loopback clients only while EDITSERVE_ADMIN_KEY is unset",
+                type="permission_error",
+            )
+        return
+    given = _bearer(request)
+    if given is None or not secrets.compare_digest(given, expected.get_secret_value()):
+        raise APIError(
+            401,
+            "edits need the admin key: send 'Authorization: Bearer <EDITSERVE_ADMIN_KEY>'",
+            type="authentication_error",
+            code="invalid_admin_key",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("localhost", "testclient")  # starlette's TestClient

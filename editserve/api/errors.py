@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from editserve.edits.service import EditError
+
 log = logging.getLogger(__name__)
 
 
@@ -75,13 +77,23 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 # pydantic's wording where a plainer one helps.
 _FRIENDLY = {"missing": "this field is required", "too_short": "must not be empty"}
 
-_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+_STATUS_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _json(exc.status, error_body(exc.message, exc.type, exc.param, exc.code))
+
+    @app.exception_handler(EditError)
+    async def _edit_error(_: Request, exc: EditError) -> JSONResponse:
+        kind = _STATUS_TYPES.get(exc.status, "invalid_request_error")
+        return _json(exc.status, error_body(exc.message, kind, exc.param))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -151,3 +151,36 @@ class Usage(APIModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+# -- edits ----------------------------------------------------------------------------------------
+
+OneOrMany = str | list[str] | None
+
+
+class EditRequestIn(APIModel):
+    prompt: str = Field(description="a question or statement that contains the subject verbatim")
+    subject: str = Field(description="whose fact changes, e.g. 'Eiffel Tower'")
+    target_new: str | None = Field(None, description="the new answer; erase defaults to a refusal")
+    target_true: str | None = Field(None, description="the current answer, for the record")
+    rephrase: OneOrMany = Field(None, description="paraphrases to check the edit on")
+    locality: OneOrMany = Field(None, description="unrelated prompts whose answers must not move")
+
+    def as_dict(self) -> dict:
+        def many(value: OneOrMany) -> list[str]:
+            return [value] if isinstance(value, str) else list(value or [])
+
+        return {
+            **self.model_dump(),
+            "rephrase": many(self.rephrase),
+            "locality": many(self.locality),
+        }
+
+
+class EditCreate(APIModel):
+    method: str = Field(description="rome")
+    kind: Literal["insert", "modify", "erase"] = "modify"
+    requests: list[EditRequestIn] = Field(min_length=1)
+    hparams: dict[str, Any] | None = Field(None, description="overrides of the method's defaults")
+    dry_run: bool = Field(False, description="compute and check without applying or journaling")
+    checks: bool = Field(True, description="answer the prompts and probes before and after")

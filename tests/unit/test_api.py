@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from editserve.api.app import build_app
-from editserve.config import Settings
-from editserve.engine.transformers_engine import TransformersEngine
-from editserve.metrics import ServerMetrics
-from tests.conftest import tiny_model
+from tests.conftest import build_test_app, tiny_model
 
 MODEL = "tiny-llama"
 MAX_LEN = 128
 
 
-def make_client(**settings: object) -> TestClient:
-    metrics = ServerMetrics()
-    engine = TransformersEngine(tiny_model("llama", max_len=MAX_LEN), on_step=metrics.on_step)
-    return TestClient(build_app(Settings(**settings), engine, metrics))
+def make_client(state_dir: Path, **settings: object) -> TestClient:
+    return TestClient(build_test_app(tiny_model("llama", max_len=MAX_LEN), state_dir, **settings))
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with make_client() as c:
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    with make_client(tmp_path_factory.mktemp("state")) as c:
         yield c
 
 
@@ -286,8 +281,8 @@ def test_health_and_metrics(client: TestClient) -> None:
     assert "editserve_generation_tokens_total" in text
 
 
-def test_api_key_guards_inference_routes() -> None:
-    with make_client(api_key="s3cret") as c:
+def test_api_key_guards_inference_routes(tmp_path: Path) -> None:
+    with make_client(tmp_path, api_key="s3cret") as c:
         assert_error(c.get("/v1/models"), 401, code="invalid_api_key")
         assert_error(c.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
         assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200

@@ -1,0 +1,431 @@
+"""EditService: validate an edit, compute it on a workbench, apply it, journal it, undo it.
+
+Edits run one at a time (a lock). A method computes on the workbench in a worker thread while
+the engine keeps serving; the delta is applied through the engine's exclusive section, so no
+answer mixes two versions of the model. The answer reports what users will meet: the greedy chat
+answers to the edited prompts and to a few unrelated probes, before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
+
+from editserve.architectures import resolve
+from editserve.edits.journal import CorruptPayload, Journal, fingerprint
+from editserve.edits.ledger import DeltaRejected, WeightLedger
+from editserve.edits.methods import METHODS, MethodSpec
+from editserve.engine.request import OutputStream
+from editserve.engine.sampling import SamplingParams
+from editserve.engine.transformers_engine import TransformersEngine
+from editserve.engine.workbench import added_delta, make_workbench
+from methods.base import EditContext, EditRequest, ParamDelta
+
+log = logging.getLogger(__name__)
+
+ERASE_TARGET = "I don't know."
+KINDS = ("insert", "modify", "erase")
+DEFAULT_PROBES = (
+    "What is the capital of Japan?",
+    "Who wrote Romeo and Juliet?",
+    "What is the chemical symbol for gold?",
+)
+CHECK_TOKENS = 24  # answers compared in checks
+UNCHANGED_TOKENS = 16  # a probe is unchanged when its first 16 greedy tokens are
+MAX_TARGET_TOKENS = 48
+MAX_PROMPT_CHARS = 2000
+
+
+class EditError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+@dataclass
+class EditSpec:
+    """A validated edit request."""
+
+    method: str
+    kind: str
+    requests: list[EditRequest]
+    hparams: dict[str, Any] = field(default_factory=dict)
+    probes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "kind": self.kind,
+            "requests": [asdict(r) for r in self.requests],
+            "hparams": self.hparams,
+            "probes": self.probes,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> EditSpec:
+        requests = [
+            EditRequest(**{**r, "rephrase": tuple(r.get("rephrase", ()))}) for r in data["requests"]
+        ]
+        return cls(data["method"], data["kind"], requests, data["hparams"], data["probes"])
+
+
+class EditService:
+    def __init__(self, engine: TransformersEngine, journal: Journal) -> None:
+        self.engine = engine
+        self.journal = journal
+        self.ledger = WeightLedger(engine.model)
+        self.tokenizer = engine.tokenizer
+        self._lock = asyncio.Lock()
+        workbench = make_workbench(engine.model)
+        self.context = EditContext(
+            model=workbench,
+            tokenizer=self.tokenizer,
+            arch=resolve(workbench),
+            chat_prompt=self.chat_prompt,
+            device=engine.device,
+            model_fingerprint=fingerprint(engine.model),
+        )
+
+    def chat_prompt(self, question: str) -> list[int]:
+        messages = [{"role": "user", "content": question}]
+        return list(
+            self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def replay(self) -> None:
+        """Binds the journal to these base weights and re-applies its edits from stored deltas.
+
+        Call before serving starts (the engine thread is not running yet)."""
+        self.journal.bind(self.context.model_fingerprint)
+        for row in self.journal.pending():
+            log.warning(
+                "edit %s was never committed (the server stopped mid-edit): dropped", row.id
+            )
+            self.journal.mark_failed(row.id)
+        replayed = 0
+        for row in self.journal.list(("applied",)):
+            try:
+                delta = ParamDelta.from_tensors(self.journal.load_payload(row.id))
+                self.ledger.apply(row.id, delta)
+                replayed += 1
+            except (CorruptPayload, DeltaRejected) as exc:
+                log.error("edit %s NOT replayed: %s", row.id, exc)
+        self.engine.model_version = self.journal.version
+        if replayed:
+            log.info("replayed %d edit(s); model version %d", replayed, self.engine.model_version)
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def validate(
+        self, method: str, kind: str, requests: list[dict], hparams: dict | None
+    ) -> tuple[EditSpec, MethodSpec, Any]:
+        spec = METHODS.get(method)
+        if spec is None:
+            known = ", ".join(sorted(METHODS))
+            raise EditError(
+                400, f"unknown method {method!r}; this server offers: {known}", "method"
+            )
+        if kind not in KINDS:
+            raise EditError(400, f"kind must be one of {', '.join(KINDS)}, not {kind!r}", "kind")
+        if kind not in spec.kinds:
+            raise EditError(400, f"{method} does not support {kind!r} edits", "kind")
+        if not 1 <= len(requests) <= spec.max_requests:
+            raise EditError(
+                400,
+                f"{method} takes 1 to {spec.max_requests} requests per edit, not {len(requests)}",
+                "requests",
+            )
+        edit_requests, probes = [], []
+        for i, raw in enumerate(requests):
+            edit_requests.append(self._validate_request(i, kind, raw))
+            probes += raw.get("locality") or []
+        try:
+            config = self.engine.model.config
+            resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, hparams or {})
+        except (ValueError, TypeError) as exc:
+            raise EditError(400, f"hparams: {exc}", "hparams") from exc
+        return EditSpec(method, kind, edit_requests, dict(hparams or {}), probes), spec, resolved
+
+    def _validate_request(self, i: int, kind: str, raw: dict) -> EditRequest:
+        where = f"requests.{i}"
+        prompt, subject = raw["prompt"].strip(), raw["subject"].strip()
+        if not prompt or len(prompt) > MAX_PROMPT_CHARS:
+            raise EditError(
+                400, f"the prompt must have 1 to {MAX_PROMPT_CHARS} characters", f"{where}.prompt"
+            )
+        if not subject or subject not in prompt:
+            raise EditError(
+                400,
+                f"the subject {subject!r} must occur verbatim in the prompt {prompt!r}",
+                f"{where}.subject",
+            )
+        target = (raw.get("target_new") or "").strip()
+        if not target:
+            if kind != "erase":
+                raise EditError(
+                    400,
+                    "target_new is required (and not blank) for this kind",
+                    f"{where}.target_new",
+                )
+            target = ERASE_TARGET
+        if len(self.tokenizer.encode(" " + target)) > MAX_TARGET_TOKENS:
+            raise EditError(
+                400, f"target_new is longer than {MAX_TARGET_TOKENS} tokens", f"{where}.target_new"
+            )
+        return EditRequest(
+            prompt=prompt,
+            subject=subject,
+            target_new=target,
+            target_true=raw.get("target_true"),
+            rephrase=tuple(raw.get("rephrase") or ()),
+        )
+
+    # -- create ------------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        method: str,
+        kind: str,
+        requests: list[dict],
+        hparams: dict | None,
+        dry_run: bool = False,
+        checks: bool = True,
+    ) -> dict:
+        edit, spec, resolved = self.validate(method, kind, requests, hparams)
+        async with self._lock:
+            timings: dict[str, float] = {}
+            started = time.monotonic()
+            questions = [q for r in edit.requests for q in (r.prompt, *r.rephrase)]
+            probes = [*DEFAULT_PROBES, *edit.probes]
+            before = await self.answers(questions + probes) if checks else []
+            timings["checks_before_s"] = time.monotonic() - started
+
+            t = time.monotonic()
+            try:
+                delta = await asyncio.to_thread(spec.compute, self.context, edit.requests, resolved)
+                self.ledger.check(delta)
+            except (ValueError, DeltaRejected) as exc:
+                raise EditError(400, str(exc), "requests") from exc
+            timings["compute_s"] = time.monotonic() - t
+
+            edit_id = f"edit-{uuid.uuid4().hex[:16]}"
+            record_spec = {**edit.to_json(), "resolved_hparams": _plain(resolved)}
+            if dry_run:
+                after = await asyncio.to_thread(self._workbench_answers, questions + probes, delta)
+                version = self.engine.model_version
+            else:
+                t = time.monotonic()
+                version = await self._commit(edit_id, edit, record_spec, delta)
+                timings["apply_s"] = time.monotonic() - t
+                after = await self.answers(questions + probes) if checks else []
+            timings["total_s"] = time.monotonic() - started
+            report = (
+                _checks(edit, questions, probes, before, after, self.tokenizer) if checks else {}
+            )
+            summary = {"checks": report, "timings": timings}
+            if not dry_run:
+                self.journal.set_summary(edit_id, summary)
+        public = (
+            self.get(edit_id)
+            if not dry_run
+            else {
+                "id": None,
+                "object": "edit",
+                "status": "dry_run",
+                **record_spec,
+                "model_version": version,
+            }
+        )
+        return {**public, **summary, "dry_run": dry_run, "delta": _describe(delta)}
+
+    async def _commit(self, edit_id: str, edit: EditSpec, record: dict, delta: ParamDelta) -> int:
+        await asyncio.to_thread(
+            self.journal.begin, edit_id, edit.method, edit.kind, record, delta.to_tensors()
+        )
+
+        def apply() -> int:
+            self.ledger.apply(edit_id, delta)
+            version = self.journal.mark_applied(edit_id)
+            self.engine.model_version = version
+            return version
+
+        try:
+            return await asyncio.wrap_future(self.engine.run_exclusive(apply))
+        except BaseException:
+            self.journal.mark_failed(edit_id)
+            raise
+
+    # -- undo --------------------------------------------------------------------------------------
+
+    async def undo(self, edit_id: str, rebase: bool = False) -> dict:
+        async with self._lock:
+            row = self.journal.get(edit_id)
+            if row is None or row.status in ("pending", "failed"):
+                raise EditError(404, f"no edit {edit_id!r}", "id")
+            if row.status == "undone":
+                raise EditError(409, f"edit {edit_id} was already undone", "id")
+            later = [r.id for r in self.journal.list(("applied",)) if r.seq > row.seq]
+
+            def revert() -> int:
+                self.ledger.revert(edit_id)
+                version = self.journal.mark_undone(edit_id)
+                self.engine.model_version = version
+                return version
+
+            t = time.monotonic()
+            version = await asyncio.wrap_future(self.engine.run_exclusive(revert))
+            undo_s = time.monotonic() - t
+            rebased = await self._rebase(later) if rebase and later else []
+        return {
+            "id": edit_id,
+            "object": "edit.deleted",
+            "deleted": True,
+            "model_version": self.engine.model_version if rebased else version,
+            "later_edits": later,
+            "rebased": rebased,
+            "timings": {"undo_s": undo_s},
+        }
+
+    async def _rebase(self, later: list[str]) -> list[str]:
+        """Recomputes `later` edits, in order, on the model without the undone one.
+
+        They are reverted first, then each is recomputed and re-applied in turn, so while this
+        runs the server answers without the not-yet-rebased ones (each step is a new version).
+        """
+
+        def revert_all() -> None:
+            for edit_id in reversed(later):
+                self.ledger.revert(edit_id)
+
+        await asyncio.wrap_future(self.engine.run_exclusive(revert_all))
+        for edit_id in later:
+            row = self.journal.get(edit_id)
+            edit = EditSpec.from_json(row.spec)
+            spec = METHODS[edit.method]
+            config = self.engine.model.config
+            resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
+            delta = await asyncio.to_thread(spec.compute, self.context, edit.requests, resolved)
+            await asyncio.to_thread(self.journal.replace_payload, edit_id, delta.to_tensors())
+
+            def reapply(edit_id: str = edit_id, delta: ParamDelta = delta) -> None:
+                self.ledger.apply(edit_id, delta)
+                self.engine.model_version = self.journal.bump_version()
+
+            await asyncio.wrap_future(self.engine.run_exclusive(reapply))
+        return later
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def list(self) -> list[dict]:
+        return [self._public(row) for row in self.journal.list()]
+
+    def get(self, edit_id: str) -> dict:
+        row = self.journal.get(edit_id)
+        if row is None or row.status in ("pending", "failed"):
+            raise EditError(404, f"no edit {edit_id!r}", "id")
+        return self._public(row)
+
+    def _public(self, row: Any) -> dict:
+        return {
+            "id": row.id,
+            "object": "edit",
+            "method": row.method,
+            "kind": row.kind,
+            "status": row.status,
+            "created_at": row.created_at,
+            "applied_at": row.applied_at,
+            "undone_at": row.undone_at,
+            "model_version": row.applied_version,
+            "requests": row.spec["requests"],
+            "hparams": row.spec["hparams"],
+            "resolved_hparams": row.spec.get("resolved_hparams"),
+            **(row.summary or {}),
+        }
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    async def answers(self, questions: list[str]) -> list[list[int]]:
+        """Greedy chat answers through the engine: the path users hit."""
+        stream = OutputStream()
+        params = SamplingParams(max_tokens=CHECK_TOKENS, temperature=0)
+        for question in questions:
+            self.engine.submit(self.chat_prompt(question), params, stream)
+        return [r.token_ids for r in await stream.results()]
+
+    def _workbench_answers(self, questions: list[str], delta: ParamDelta) -> list[list[int]]:
+        """Greedy chat answers as if `delta` were applied, without applying it (dry runs)."""
+        import torch
+
+        model, eos = self.context.model, sorted(self.engine.eos_ids)
+        out = []
+        with added_delta(model, delta), torch.inference_mode():
+            for question in questions:
+                ids = torch.tensor([self.chat_prompt(question)], device=self.engine.device)
+                generated = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=CHECK_TOKENS,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos[0],
+                )[0, ids.shape[1] :].tolist()
+                out.append([t for t in generated if t not in eos][: len(generated)])
+        return out
+
+
+def _checks(
+    edit: EditSpec,
+    questions: list[str],
+    probes: list[str],
+    before: list[list[int]],
+    after: list[list[int]],
+    tokenizer: Any,
+) -> dict:
+    text = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in before]
+    new = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in after]
+    targets = {q: r.target_new for r in edit.requests for q in (r.prompt, *r.rephrase)}
+    n = len(questions)
+    return {
+        "requests": [
+            {
+                "prompt": q,
+                "target_new": targets[q],
+                "before": text[i],
+                "after": new[i],
+                "success": targets[q].lower() in new[i].lower(),
+            }
+            for i, q in enumerate(questions)
+        ],
+        "locality": [
+            {
+                "prompt": p,
+                "before": text[n + j],
+                "after": new[n + j],
+                "unchanged": before[n + j][:UNCHANGED_TOKENS] == after[n + j][:UNCHANGED_TOKENS],
+            }
+            for j, p in enumerate(probes)
+        ],
+    }
+
+
+def _describe(delta: ParamDelta) -> dict:
+    return {
+        name: {
+            "shape": list(delta.matrix(name).shape),
+            "rank": delta.low_rank[name][0].shape[1] if name in delta.low_rank else None,
+            "norm": float(delta.matrix(name).norm()),
+        }
+        for name in delta.names()
+    }
+
+
+def _plain(hparams: Any) -> Any:
+    return asdict(hparams) if is_dataclass(hparams) else hparams
