@@ -8,6 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
+from editserve import client_cli
 from editserve.config import ConfigError, Settings
 
 log = logging.getLogger("editserve")
@@ -26,6 +27,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, help="cap on prompt + completion tokens")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=serve)
 
 
 def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily for a fast --help)
@@ -95,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="editserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    client_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     try:
-        return {"serve": serve}[args.command](args)
+        return args.run(args)
     except (ConfigError, ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"editserve: {exc}", file=sys.stderr)
         return 2
