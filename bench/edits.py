@@ -1,0 +1,265 @@
+"""Edit benchmark: latency, undo latency, success and locality of edits through the live API.
+
+For each of the first N ZsRE records (one edit at a time, each undone before the next):
+POST /edits (checks off, so the time is the method's and the apply's), then through the public
+API the greedy chat answers to the edited prompt and its paraphrase (success: the answer contains
+the target), the teacher-forced token accuracy of the target after the chat prompt
+(/v1/completions echo + logprobs), and locality: the greedy answers (16 tokens) to fixed
+unrelated questions, and to the record's same-subject questions, compared with the unedited
+model's. Then DELETE /edits/{id}. Writes JSON.
+
+    python bench/edits.py --start --n 50            # starts a server with a fresh journal
+    python bench/edits.py --server URL --n 50       # against a running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from harness import ServerProcess, machine_info, percentile
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/knowedit/zsre/ZsRE-test-all.dev.json"
+UNRELATED = [
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "Who wrote Romeo and Juliet?",
+    "What is the chemical symbol for gold?",
+    "What language is spoken in Brazil?",
+    "In which city is the Eiffel Tower?",
+    "What is the largest ocean on Earth?",
+    "How many days are in a week?",
+    "What is the boiling point of water in Celsius?",
+    "Who painted the Mona Lisa?",
+]
+LOCALITY_TOKENS = 16
+ANSWER_TOKENS = 24
+
+
+class Api:
+    def __init__(self, url: str, admin_key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self.client = httpx.AsyncClient(base_url=url, headers=headers, timeout=600)
+        self.model = ""
+
+    async def start(self) -> None:
+        self.model = (await self.client.get("/v1/models")).json()["data"][0]["id"]
+
+    async def answer(self, question: str, max_tokens: int) -> str:
+        r = await self.client.post(
+            "/v1/chat/completions",
+            json={
+                "model": self.model,
+                "messages": [{"role": "user", "content": question}],
+                "temperature": 0,
+                "max_tokens": max_tokens,
+            },
+        )
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    async def answers(self, questions: list[str], max_tokens: int) -> list[str]:
+        return list(await asyncio.gather(*(self.answer(q, max_tokens) for q in questions)))
+
+    async def target_accuracy(self, chat_text: str, target: str) -> float:
+        """Fraction of the target's tokens that are the model's top-1 after the chat prompt."""
+        r = await self.client.post(
+            "/v1/completions",
+            json={
+                "model": self.model,
+                "prompt": chat_text + target,
+                "max_tokens": 0,
+                "echo": True,
+                "logprobs": 1,
+            },
+        )
+        r.raise_for_status()
+        lp = r.json()["choices"][0]["logprobs"]
+        # The target's tokens are those whose offsets fall past the chat prompt.
+        idx = [i for i, off in enumerate(lp["text_offset"]) if off >= len(chat_text)]
+        hits = [lp["tokens"][i] in (lp["top_logprobs"][i] or {}) for i in idx]
+        return sum(hits) / max(len(hits), 1)
+
+
+def load_records(n: int, path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise SystemExit(f"no data at {path} (../shared/data is needed for this benchmark)")
+    return json.loads(path.read_text())[:n]
+
+
+def same_subject(record: dict) -> list[str]:
+    groups = record.get("locality", {}).values()
+    return [item["prompt"] for group in groups for item in group][:2]
+
+
+async def run(
+    url: str, admin_key: str | None, method: str, records: list[dict], chat_template: Any
+) -> dict[str, Any]:
+    api = Api(url, admin_key)
+    await api.start()
+    unrelated_before = await api.answers(UNRELATED, LOCALITY_TOKENS)
+    rows = []
+    for i, rec in enumerate(records):
+        questions = [rec["prompt"], rec["rephrase_prompt"]]
+        own = same_subject(rec)
+        own_before = await api.answers(own, LOCALITY_TOKENS)
+        pre = await api.answers(questions, ANSWER_TOKENS)
+        t = time.perf_counter()
+        r = await api.client.post(
+            "/edits",
+            json={
+                "method": method,
+                "checks": False,
+                "requests": [
+                    {
+                        "prompt": rec["prompt"],
+                        "subject": rec["subject"],
+                        "target_new": rec["target_new"],
+                        "rephrase": [rec["rephrase_prompt"]],
+                    }
+                ],
+            },
+        )
+        post_s = time.perf_counter() - t
+        if r.status_code != 200:
+            rows.append({"record": i, "error": r.text[:300]})
+            print(f"[{i}] edit refused: {r.text[:200]}")
+            continue
+        edit = r.json()
+        post = await api.answers(questions, ANSWER_TOKENS)
+        accuracy = await api.target_accuracy(chat_template(rec["prompt"]), " " + rec["target_new"])
+        unrelated_after = await api.answers(UNRELATED, LOCALITY_TOKENS)
+        own_after = await api.answers(own, LOCALITY_TOKENS)
+        t = time.perf_counter()
+        undo = (await api.client.delete(f"/edits/{edit['id']}")).json()
+        undo_wall_s = time.perf_counter() - t
+        target = rec["target_new"].lower()
+        row = {
+            "record": i,
+            "subject": rec["subject"],
+            "target": rec["target_new"],
+            "compute_s": edit["timings"]["compute_s"],
+            "apply_s": edit["timings"]["apply_s"],
+            "post_s": post_s,
+            "undo_s": undo["timings"]["undo_s"],
+            "undo_wall_s": undo_wall_s,
+            "answer_before": pre[0],
+            "answer_after": post[0],
+            "rephrase_after": post[1],
+            "success_before": target in pre[0].lower(),
+            "success": target in post[0].lower(),
+            "paraphrase": target in post[1].lower(),
+            "teacher_forced": accuracy,
+            "unrelated_unchanged": sum(
+                a == b for a, b in zip(unrelated_before, unrelated_after, strict=True)
+            )
+            / len(UNRELATED),
+            "same_subject_unchanged": (
+                sum(a == b for a, b in zip(own_before, own_after, strict=True)) / len(own)
+            )
+            if own
+            else None,
+        }
+        rows.append(row)
+        print(
+            f"[{i}] {row['success']!s:5} {row['paraphrase']!s:5} tf={accuracy:.2f} "
+            f"loc={row['unrelated_unchanged']:.2f} {row['compute_s']:.1f}s  "
+            f"{rec['subject']} -> {rec['target_new']}: {post[0][:60]!r}"
+        )
+    await api.client.aclose()
+    return {"rows": rows, "summary": summarise(rows)}
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    ok = [r for r in rows if "error" not in r]
+
+    def mean(key: str) -> float | None:
+        values = [float(r[key]) for r in ok if r.get(key) is not None]
+        return round(statistics.mean(values), 4) if values else None
+
+    compute = [r["compute_s"] for r in ok]
+    undo_ms = [r["undo_s"] * 1000 for r in ok]
+    return {
+        "edits": len(ok),
+        "refused": len(rows) - len(ok),
+        "generated_success": mean("success"),
+        "generated_paraphrase": mean("paraphrase"),
+        "success_before_edit": mean("success_before"),
+        "teacher_forced_accuracy": mean("teacher_forced"),
+        "locality_unrelated": mean("unrelated_unchanged"),
+        "locality_same_subject": mean("same_subject_unchanged"),
+        "compute_s_median": round(statistics.median(compute), 2) if compute else None,
+        "compute_s_p90": round(percentile(compute, 90), 2) if compute else None,
+        "undo_ms_median": round(statistics.median(undo_ms), 2) if undo_ms else None,
+        "undo_ms_max": round(max(undo_ms), 2) if undo_ms else None,
+    }
+
+
+def chat_template_for(model_path: str | None) -> Any:
+    """Renders a question as the server does, to find where the target starts."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from editserve.modelstore import EMBEDDED_MODEL_NAME
+
+    cache = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
+    folder = model_path or cache / "models" / f"{EMBEDDED_MODEL_NAME}-fp32"
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return lambda q: tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--server", default="http://127.0.0.1:8000")
+    where.add_argument("--start", action="store_true", help="start a server (fresh journal)")
+    parser.add_argument("--admin-key")
+    parser.add_argument("--model", help="local HF folder (default: the embedded model)")
+    parser.add_argument("--method", default="rome")
+    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "edits.json"
+    )
+    args = parser.parse_args()
+    records = load_records(args.n, args.data)
+    server = None
+    url = args.server
+    if args.start:
+        state = tempfile.mkdtemp(prefix="editserve-bench-state-")
+        server = ServerProcess(args.model, None, env={"EDITSERVE_STATE_DIR": state})
+        server.wait_ready()
+        url = server.url
+    try:
+        result = asyncio.run(
+            run(url, args.admin_key, args.method, records, chat_template_for(args.model))
+        )
+    finally:
+        if server is not None:
+            server.stop()
+    report = {
+        "machine": machine_info(),
+        "method": args.method,
+        "data": str(args.data),
+        "n": len(records),
+        **result,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["summary"], indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
