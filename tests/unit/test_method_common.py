@@ -1,0 +1,173 @@
+"""Shared locate-then-edit steps: subject location, contexts, keys, replay, deltas, hparams."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from editserve.architectures import resolve
+from methods.base import EditContext
+from methods.common import (
+    CONTEXT_PREFIXES,
+    added_low_rank,
+    chat_sequence,
+    collect_keys,
+    context_questions,
+    scope_sequences,
+    subject_last_index,
+    target_ids,
+)
+from methods.hparams import load_hparams
+from methods.values import SuffixReplay
+from tests.conftest import tiny_model
+
+
+def make_ctx(kind: str = "llama", system: str | None = None) -> EditContext:
+    loaded = tiny_model(kind)
+    tok = loaded.tokenizer
+
+    def chat_prompt(question: str) -> list[int]:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": question})
+        return tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+
+    return EditContext(
+        model=loaded.model, tokenizer=tok, arch=resolve(loaded.model), chat_prompt=chat_prompt
+    )
+
+
+def test_subject_last_token_is_found_in_the_user_turn() -> None:
+    # The system prompt names the subject too: the edit must key on the user's mention.
+    ctx = make_ctx(system="You talk about the Eiffel Tower a lot.")
+    question = "Where is the Eiffel Tower?"
+    ids = ctx.chat_prompt(question)
+    pos = subject_last_index(ctx.tokenizer, ids, question, "Eiffel Tower")
+    text = ctx.tokenizer.decode(ids[: pos + 1])
+    assert text.endswith("user\nWhere is the Eiffel Tower")
+
+
+def test_subject_not_in_the_prompt_is_a_value_error() -> None:
+    ctx = make_ctx()
+    question = "Where is the Eiffel Tower?"
+    with pytest.raises(ValueError, match="does not occur verbatim"):
+        subject_last_index(ctx.tokenizer, ctx.chat_prompt(question), question, "Louvre")
+    with pytest.raises(ValueError, match="empty"):
+        subject_last_index(ctx.tokenizer, ctx.chat_prompt(question), question, " ")
+
+
+def test_context_questions_are_fixed_and_start_with_the_bare_prompt() -> None:
+    got = context_questions("Q?", 4)
+    assert got == context_questions("Q?", 4)
+    assert got[0] == "Q?" and all(q.endswith(" Q?") for q in got[1:])
+    assert len(context_questions("Q?", len(CONTEXT_PREFIXES))) == len(CONTEXT_PREFIXES)
+    with pytest.raises(ValueError):
+        context_questions("Q?", 0)
+
+
+def test_target_ids_have_no_leading_space() -> None:
+    ctx = make_ctx()
+    assert ctx.tokenizer.decode(target_ids(ctx.tokenizer, " Rome")) == "Rome"
+    with pytest.raises(ValueError):
+        target_ids(ctx.tokenizer, "  ")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_collect_keys_are_the_down_projection_inputs(kind: str) -> None:
+    ctx = make_ctx(kind)
+    seqs = [ctx.chat_prompt("Hello there"), ctx.chat_prompt("Hi")]
+    keys = collect_keys(ctx, 1, seqs)  # [B, T, d_in]
+    seen: list[torch.Tensor] = []
+    handle = ctx.arch.down_proj(1).register_forward_pre_hook(lambda _, i: seen.append(i[0]))
+    with torch.no_grad():
+        ctx.model(torch.tensor([seqs[1]]))
+    handle.remove()
+    assert keys.shape[:2] == (2, len(seqs[0]))
+    torch.testing.assert_close(keys[1, : len(seqs[1])], seen[0][0])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
+def test_suffix_replay_matches_a_full_forward_with_delta(kind: str) -> None:
+    ctx = make_ctx(kind)
+    answer = target_ids(ctx.tokenizer, "Rome")
+    seqs = [
+        chat_sequence(ctx, q, "Eiffel Tower", answer)
+        for q in context_questions("Where is the Eiffel Tower located?", 3)
+    ]
+    seqs += scope_sequences(ctx, ["Why is the sky blue?", "Hi"])
+    module = ctx.arch.down_proj(0)
+    replay = SuffixReplay(ctx, 0, module, seqs)
+    delta = torch.randn(replay.v0.shape) * 3
+    with torch.no_grad():
+        hidden = replay.hidden(delta)
+    for b, seq in enumerate(seqs):
+
+        def add(_: torch.nn.Module, __: tuple, out: torch.Tensor, p: int = seq.subject_pos):
+            out = out.clone()
+            out[:, p] += delta
+            return out
+
+        handle = module.register_forward_hook(add)
+        with torch.no_grad():
+            ref = ctx.model.base_model(torch.tensor([seq.ids])).last_hidden_state[0]
+        handle.remove()
+        n = len(seq.ids) - seq.subject_pos
+        torch.testing.assert_close(hidden[b, :n], ref[seq.subject_pos :], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_added_low_rank_equals_adding_to_a_weight_copy(kind: str) -> None:
+    ctx = make_ctx(kind)
+    name = ctx.arch.down_proj_name(1)
+    weight = ctx.model.get_parameter(name)
+    u, v = torch.randn(weight.shape[0], 2), torch.randn(2, weight.shape[1])
+    ids = torch.tensor([ctx.chat_prompt("Hello")])
+    with torch.no_grad(), added_low_rank(ctx, {name: (u, v)}):
+        hooked = ctx.model(ids).logits
+    edited = copy.deepcopy(ctx.model)
+    with torch.no_grad():
+        edited.get_parameter(name).add_(u @ v)
+        torch.testing.assert_close(hooked, edited(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_scope_sequences_start_after_the_shared_prefix() -> None:
+    ctx = make_ctx(system="Be brief.")
+    a, b = scope_sequences(ctx, ["Why?", "How so?"])
+    assert a.subject_pos == b.subject_pos
+    assert a.ids[: a.subject_pos] == b.ids[: b.subject_pos]
+    assert a.ids[a.subject_pos] != b.ids[b.subject_pos]
+
+
+@dataclass(frozen=True)
+class _Params:
+    layer: int
+    steps: int = 3
+    lr: float = 0.5
+    name: str = "x"
+    flag: bool = False
+
+
+def test_hparams_defaults_fall_back_to_a_sixth_of_the_depth() -> None:
+    got = load_hparams(_Params, "no-such-method", "t5", 24, {"lr": 1})
+    assert got == _Params(layer=4, lr=1.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"stepz": 3}, "unknown no-such-method hyperparameter.*stepz"),
+        ({"steps": "3"}, "'steps' must be an integer"),
+        ({"steps": 2.5}, "'steps' must be an integer"),
+        ({"steps": True}, "'steps' must be an integer"),
+        ({"lr": "fast"}, "'lr' must be a number"),
+        ({"flag": 1}, "'flag' must be true or false"),
+        ([("steps", 3)], "must be a mapping"),
+    ],
+)
+def test_hparams_overrides_are_checked(overrides: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_hparams(_Params, "no-such-method", "llama", 12, overrides)  # type: ignore[arg-type]
