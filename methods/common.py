@@ -39,14 +39,20 @@ CONTEXT_PREFIXES: tuple[str, ...] = (
 # Questions about the subject itself whose answers the KL ("essence") term keeps in place.
 ESSENCE_QUESTIONS: tuple[str, ...] = ("What is {}?", "Tell me about {}.")
 
-# Unrelated chats for the scope term (none of them is in any evaluation set).
-SCOPE_QUESTIONS: tuple[str, ...] = (
+# Unrelated chats whose keys tell the update what to leave alone (none is in an evaluation set).
+NEUTRAL_QUESTIONS: tuple[str, ...] = (
     "How do I boil an egg?",
     "Who discovered penicillin?",
     "Recommend a good book to read.",
     "Why is the sky blue?",
     "What is a prime number?",
     "Describe a cat in two sentences.",
+    "Which river flows through Vienna?",
+    "When did the Roman Empire fall?",
+    "What does a software engineer do?",
+    "Name a famous novel by Leo Tolstoy.",
+    "Where is Mount Kilimanjaro?",
+    "Who composed the Four Seasons?",
 )
 
 
@@ -138,16 +144,6 @@ def chat_sequence(
         answer_pos=len(prompt) - 1,
         answer=tuple(answer),
     )
-
-
-def scope_sequences(ctx: EditContext, questions: Sequence[str]) -> list[ChatSequence]:
-    """Chat prompts of unrelated questions; `subject_pos` is where they start to differ from
-    each other (after any shared system prompt), `answer_pos` their last token."""
-    prompts = [list(ctx.chat_prompt(q)) for q in questions]
-    start = 0
-    while all(len(p) > start + 1 and p[start] == prompts[0][start] for p in prompts):
-        start += 1
-    return [ChatSequence(ids=tuple(p), subject_pos=start, answer_pos=len(p) - 1) for p in prompts]
 
 
 def padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

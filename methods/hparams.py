@@ -52,7 +52,13 @@ def defaults_for(method: str, model_type: str, num_layers: int) -> dict[str, Any
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
-    """`value` as `kind` (int, float, bool or str); ints pass as floats, nothing else converts."""
+    """`value` as `kind` (int, float, bool or str, or one of them | None); ints pass as floats,
+    nothing else converts."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # an optional value
+        if value is None:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
     ok = (
         (kind is bool and isinstance(value, bool))
         or (kind is int and isinstance(value, int) and not isinstance(value, bool))

@@ -31,16 +31,16 @@ import torch
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
     ESSENCE_QUESTIONS,
-    SCOPE_QUESTIONS,
+    NEUTRAL_QUESTIONS,
     ChatSequence,
     added_low_rank,
     chat_sequence,
+    collect_keys,
     context_questions,
-    scope_sequences,
     target_ids,
 )
 from methods.hparams import load_hparams
-from methods.values import ValueResult, ValueSettings, optimise_value
+from methods.values import SuffixReplay, ValueResult, ValueSettings, optimise_value
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +52,17 @@ class RomeHyperParams:
     lr: float = 0.5
     kl_factor: float = 0.0625  # weight of the essence KL term
     weight_decay: float = 0.0  # weight of ‖δ‖²/‖v₀‖²
-    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this · ‖v₀‖
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this · ‖v₀‖ at the last step
+    clamp_start_factor: float | None = None  # ... and this at the first (None: the same)
     n_contexts: int = 5  # the bare prompt + n-1 prefixed ones
     stop_margin: float = 0.0  # stop once targets are argmax by this log-prob margin
-    scope_factor: float = 0.0  # weight of the KL of unrelated chats with leaked δ
-    scope_leak: float = 0.1  # the fraction of δ they get at every token
-    n_scope: int = 4  # unrelated chats (common.SCOPE_QUESTIONS)
-    optimizer: str = "adam"  # or "normalized": steps of length lr·‖v₀‖ along the gradient
+    stop_on_prompt: bool = False  # ... in the bare prompt only (else in every context)
+    n_neutral: int = 6  # unrelated chats whose keys join C (common.NEUTRAL_QUESTIONS)
     covariance: str = "none"  # "none" (C = I) or "context"
     cov_ridge: float = 0.1  # C = K Kᵀ/n + cov_ridge · tr(K Kᵀ/n)/d · I
 
 
 COVARIANCES = ("none", "context")
-OPTIMIZERS = ("adam", "normalized")
 
 
 def _check(h: RomeHyperParams, num_layers: int) -> None:
@@ -75,16 +73,18 @@ def _check(h: RomeHyperParams, num_layers: int) -> None:
         problems.append(f"steps must be at least 1, not {h.steps}")
     if not 1 <= h.n_contexts <= 10:
         problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
+    if h.clamp_start_factor is not None and not 0 < h.clamp_start_factor <= h.clamp_norm_factor:
+        problems.append(
+            f"clamp_start_factor must be in (0, clamp_norm_factor], not {h.clamp_start_factor}"
+        )
     for name in ("lr", "clamp_norm_factor", "cov_ridge"):
         if not getattr(h, name) > 0:
             problems.append(f"{name} must be positive, not {getattr(h, name)}")
-    if not 0 <= h.n_scope <= len(SCOPE_QUESTIONS):
-        problems.append(f"n_scope must be in 0..{len(SCOPE_QUESTIONS)}, not {h.n_scope}")
-    for name in ("kl_factor", "weight_decay", "stop_margin", "scope_factor", "scope_leak"):
+    if not 0 <= h.n_neutral <= len(NEUTRAL_QUESTIONS):
+        problems.append(f"n_neutral must be in 0..{len(NEUTRAL_QUESTIONS)}, not {h.n_neutral}")
+    for name in ("kl_factor", "weight_decay", "stop_margin"):
         if not getattr(h, name) >= 0:
             problems.append(f"{name} must not be negative, not {getattr(h, name)}")
-    if h.optimizer not in OPTIMIZERS:
-        problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {h.optimizer!r}")
     if h.covariance not in COVARIANCES:
         problems.append(f"covariance must be one of {', '.join(COVARIANCES)}, not {h.covariance!r}")
     if problems:
@@ -109,7 +109,8 @@ def load_rome_hparams(
 def build_contexts(
     ctx: EditContext, request: EditRequest, hparams: RomeHyperParams
 ) -> tuple[list[ChatSequence], list[ChatSequence]]:
-    """Rewriting sequences (the prompt in n contexts, then the target) and essence sequences."""
+    """Rewriting sequences (the prompt in n contexts, then the target) and essence questions
+    about the subject (their first answer token is held in place by the KL term)."""
     answer = target_ids(ctx.tokenizer, request.target_new)
     rewrites = [
         chat_sequence(ctx, question, request.subject, answer)
@@ -121,55 +122,60 @@ def build_contexts(
     return rewrites, essence
 
 
+def compute_key(replay: SuffixReplay, n_rewrites: int) -> torch.Tensor:
+    """k* [d_in]: the subject-last-token key averaged over the rewriting contexts."""
+    rows = torch.arange(n_rewrites, device=replay.subject.device)
+    return replay.keys[rows, replay.subject[:n_rewrites]].float().mean(0)
+
+
+def context_covariance(replay: SuffixReplay, neutral: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C [d_in, d_in]: second moment of the keys at every real token of the edit's chats but
+    the subjects' last ones, and of `neutral` keys [n, d_in]; plus a ridge relative to scale."""
+    keys = replay.keys.float()  # [B, T, d_in]
+    real = torch.arange(keys.shape[1], device=keys.device)[None, :] < replay.lengths[:, None]
+    real[torch.arange(keys.shape[0]), replay.subject] = False  # [B, T]
+    k = torch.cat([keys[real], neutral.float().to(keys.device)])  # [n, d_in]
+    moment = k.T @ k / k.shape[0]  # [d_in, d_in]
+    scale = moment.diagonal().mean()
+    return moment + ridge * scale * torch.eye(moment.shape[0], device=moment.device)
+
+
+def neutral_keys(ctx: EditContext, layer: int, n: int) -> torch.Tensor:
+    """Keys [N, d_in] at every token of `n` unrelated chat prompts (a forward cut at `layer`)."""
+    if n == 0:
+        weight = ctx.arch.down_proj(layer).weight  # [out, in], or [in, out] for Conv1D
+        d_in = weight.shape[0] if ctx.arch.spec.weight_is_transposed else weight.shape[1]
+        return torch.zeros(0, d_in, device=ctx.device)
+    prompts = [ctx.chat_prompt(q) for q in NEUTRAL_QUESTIONS[:n]]
+    keys = collect_keys(ctx, layer, prompts)  # [n, T, d_in]
+    return torch.cat([keys[i, : len(p)] for i, p in enumerate(prompts)])
+
+
+def solve_update(key: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+    """The right factor r = C⁻¹k* / (k*ᵀ C⁻¹ k*) [d_in] of ΔW = (v* − W k*) rᵀ.
+
+    r · k* = 1 exactly, so (W + ΔW) k* = v*: the same key in numerator and denominator (r-ROME).
+    """
+    key64 = key.double()
+    direction = key64 if cov is None else torch.linalg.solve(cov.double(), key64)  # C⁻¹k
+    return (direction / (direction @ key64)).float()
+
+
 def compute_value(
-    ctx: EditContext,
-    rewrites: list[ChatSequence],
-    essence: list[ChatSequence],
-    hparams: RomeHyperParams,
+    ctx: EditContext, replay: SuffixReplay, rewrites: list[ChatSequence], hparams: RomeHyperParams
 ) -> ValueResult:
-    """δ = v* − W k*, added to the MLP output of the edit layer (plus every key of the batch)."""
+    """δ = v* − W k*, added to the MLP output of the edit layer at the subject."""
     settings = ValueSettings(
         steps=hparams.steps,
         lr=hparams.lr,
         kl_factor=hparams.kl_factor,
         weight_decay=hparams.weight_decay,
         clamp_norm_factor=hparams.clamp_norm_factor,
+        clamp_start_factor=hparams.clamp_start_factor or hparams.clamp_norm_factor,
         stop_margin=hparams.stop_margin,
-        optimizer=hparams.optimizer,
-        scope_factor=hparams.scope_factor,
-        scope_leak=hparams.scope_leak,
+        stop_on_prompt=hparams.stop_on_prompt,
     )
-    module = ctx.arch.down_proj(hparams.layer)
-    scope = scope_sequences(ctx, SCOPE_QUESTIONS[: hparams.n_scope])
-    return optimise_value(ctx, hparams.layer, module, rewrites, essence, settings, scope)
-
-
-def compute_key(value: ValueResult, n_rewrites: int, subject_pos: torch.Tensor) -> torch.Tensor:
-    """k* [d_in]: the subject-last-token key averaged over the rewriting contexts."""
-    rows = torch.arange(n_rewrites)
-    return value.keys[rows, subject_pos[:n_rewrites]].float().mean(0)
-
-
-def context_covariance(value: ValueResult, subject_pos: torch.Tensor, ridge: float) -> torch.Tensor:
-    """C [d_in, d_in]: second moment of the keys at every real token but the subjects' last,
-    plus a ridge relative to their mean squared norm."""
-    keys = value.keys.float()  # [B, T, d_in]
-    real = torch.arange(keys.shape[1])[None, :] < value.lengths[:, None].cpu()  # [B, T]
-    real[torch.arange(len(subject_pos)), subject_pos] = False  # rewrite and essence rows
-    k = keys[real.to(keys.device)]  # [n, d_in]
-    moment = k.T @ k / k.shape[0]  # [d_in, d_in]
-    scale = moment.diagonal().mean()
-    return moment + ridge * scale * torch.eye(moment.shape[0], device=moment.device)
-
-
-def solve_update(
-    key: torch.Tensor, residual: torch.Tensor, cov: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ΔW = residual (C⁻¹k)ᵀ / (kᵀC⁻¹k) as factors ([d_out, 1], [1, d_in]), nn.Linear layout."""
-    key64 = key.double()
-    direction = key64 if cov is None else torch.linalg.solve(cov.double(), key64)  # C⁻¹k [d_in]
-    right = direction / (direction @ key64)  # [d_in]; right · k = 1 exactly: r-ROME
-    return residual.float()[:, None], right.float()[None, :]
+    return optimise_value(ctx, replay, len(rewrites), rewrites[0].answer, settings)
 
 
 def compute_rome(
@@ -178,20 +184,24 @@ def compute_rome(
     """One rank-one update of `down_proj(layer)` per request, stacked (rank k for k requests)."""
     if not requests:
         raise ValueError("a ROME edit needs at least one request")
+    contexts = [build_contexts(ctx, r, hparams) for r in requests]  # ValueError on bad subjects
     name = ctx.arch.down_proj_name(hparams.layer)
+    module = ctx.arch.down_proj(hparams.layer)
+    neutral = None
+    if hparams.covariance == "context":  # keys at layer L do not depend on edits at layer L
+        neutral = neutral_keys(ctx, hparams.layer, hparams.n_neutral)
     lefts: list[torch.Tensor] = []  # [d_out, 1] each
     rights: list[torch.Tensor] = []  # [1, d_in] each
-    for request in requests:
-        rewrites, essence = build_contexts(ctx, request, hparams)  # ValueError on a bad subject
+    for request, (rewrites, essence) in zip(requests, contexts, strict=True):
         earlier = {name: _in_layout(ctx, lefts, rights)} if lefts else {}
         with added_low_rank(ctx, earlier):
-            value = compute_value(ctx, rewrites, essence, hparams)
-        subject_pos = torch.tensor([s.subject_pos for s in (*rewrites, *essence)])
-        key = compute_key(value, len(rewrites), subject_pos)
-        cov = None
-        if hparams.covariance == "context":
-            cov = context_covariance(value, subject_pos, hparams.cov_ridge)
-        left, right = solve_update(key, value.delta, cov)
+            replay = SuffixReplay(ctx, hparams.layer, module, [*rewrites, *essence])
+            key = compute_key(replay, len(rewrites))
+            cov = None
+            if neutral is not None:
+                cov = context_covariance(replay, neutral, hparams.cov_ridge)
+            right = solve_update(key, cov)
+            value = compute_value(ctx, replay, rewrites, hparams)
         log.debug(
             "rome %r: %d steps, nll %.3f, stop rule %s, |delta|/|v0| %.2f",
             request.subject,
@@ -200,8 +210,8 @@ def compute_rome(
             "met" if value.reached else "not met",
             float(value.delta.norm()) / value.v0_norm,
         )
-        lefts.append(left)
-        rights.append(right)
+        lefts.append(value.delta.float().cpu()[:, None])
+        rights.append(right.cpu()[None, :])
     return ParamDelta(low_rank={name: _in_layout(ctx, lefts, rights)})
 
 

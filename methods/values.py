@@ -33,22 +33,18 @@ class ValueSettings:
     kl_factor: float
     weight_decay: float
     clamp_norm_factor: float
+    # The ball ‖δ‖ ≤ c·‖v₀‖ starts at c = clamp_start_factor and widens linearly to
+    # clamp_norm_factor over the step budget: easy edits stop with a short δ (which leaks
+    # less into unrelated keys); hard ones may still grow.
+    clamp_start_factor: float
     # Stop once every target token is the argmax in every context, by this log-prob margin.
     stop_margin: float
-    # "adam", or "normalized": steps of length lr·‖v₀‖ along the gradient (Adam's sign-like
-    # steps spread δ over every coordinate, and a longer δ leaks more into unrelated tokens).
-    optimizer: str = "adam"
-    # Scope: unrelated chats get scope_leak · δ added at every token (a stand-in for what the
-    # rank-one update leaks into other keys); their next-token KL is weighted by scope_factor.
-    scope_factor: float = 0.0
-    scope_leak: float = 0.1
+    stop_on_prompt: bool = False  # check the stop rule on the bare prompt only
 
 
 @dataclass
 class ValueResult:
     delta: torch.Tensor  # [d_out] added to the module's output
-    keys: torch.Tensor  # [B, T, d_in] inputs of down_proj(key_layer), every position
-    lengths: torch.Tensor  # [B] real length of each row of `keys`
     v0_norm: float
     steps: int
     nll: float
@@ -115,6 +111,7 @@ class SuffixReplay:
         ids, self.lengths = ids.to(dev), self.lengths.to(dev)
         batch, width = ids.shape
         self.subject = torch.tensor([s.subject_pos for s in seqs], device=dev)  # [B]
+        self.answer = torch.tensor([s.answer_pos for s in seqs], device=dev)  # [B]
         captured: dict[str, torch.Tensor] = {}
 
         def grab_keys(_: nn.Module, inputs: tuple) -> None:
@@ -154,16 +151,21 @@ class SuffixReplay:
             dim=2,
         )[:, None]  # [B, 1, S, T+S]
 
-    def hidden(self, delta: torch.Tensor, coef: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states [B, S, d] of the suffixes; column j of row b is position
-        subject_b + j. δ [d_out] is added at column 0, or coef[b, j] · δ everywhere."""
+    def keep_rows(self, n: int) -> None:
+        """Re-run only the first n rows from now on (the others served their keys)."""
+        for cache in (self.prefix.keys, self.prefix.values):
+            for layer in cache:
+                cache[layer] = cache[layer][:n]
+        self.suffix, self.cols, self.mask = self.suffix[:n], self.cols[:n], self.mask[:n]
+
+    def hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, S, d] of the suffixes with δ [d_out] added at column 0;
+        column j of row b is position subject_b + j."""
 
         def add_delta(
             _: nn.Module, __: tuple, output: torch.Tensor | tuple
         ) -> torch.Tensor | tuple:
             out = _output_tensor(output)  # [B, S, d_out]
-            if coef is not None:
-                return _replace_output(output, out + coef[..., None] * delta.to(out.dtype))
             first = out[:, :1] + delta.to(out.dtype)
             return _replace_output(output, torch.cat([first, out[:, 1:]], dim=1))
 
@@ -183,88 +185,59 @@ class SuffixReplay:
 
 def optimise_value(
     ctx: EditContext,
-    key_layer: int,
-    delta_module: nn.Module,
-    rewrites: Sequence[ChatSequence],
-    essence: Sequence[ChatSequence],
+    replay: SuffixReplay,
+    n_rewrites: int,
+    answer: Sequence[int],
     settings: ValueSettings,
-    scope: Sequence[ChatSequence] = (),
 ) -> ValueResult:
-    """δ for one request. `rewrites` all carry the same answer; `essence` carry none; `scope`
-    rows are unrelated chats whose `subject_pos` marks where they start to differ."""
-    use_scope = bool(settings.scope_factor and scope)
-    seqs = [*rewrites, *essence, *(scope if use_scope else ())]
-    n_rw, n_es, m = len(rewrites), len(essence), len(rewrites[0].answer)
-    dev, head = ctx.device, ctx.arch.lm_head
+    """δ for one request: `replay`'s first `n_rewrites` rows are contexts followed by `answer`
+    (teacher-forced); the others are essence questions about the subject."""
+    dev, head, m = ctx.device, ctx.arch.lm_head, len(answer)
+    if not settings.kl_factor:
+        replay.keep_rows(n_rewrites)  # essence rows serve no loss: skip their compute
     with torch.inference_mode(False):
-        replay = SuffixReplay(ctx, key_layer, delta_module, seqs)
-        answer = torch.tensor([s.answer_pos for s in seqs], device=dev)  # [B]
-        rows = torch.arange(len(seqs), device=dev)
-        es_rows = rows[n_rw : n_rw + n_es]
-        answer_cols = answer - replay.subject  # [B], suffix coordinates
-        # Scope rows: every real position of their suffix; others: δ at column 0 only.
-        coef = torch.zeros(replay.cols.shape, device=dev)  # [B, S]
-        coef[:, 0] = 1.0
-        sc_rows, sc_cols = (replay.cols < replay.lengths[:, None])[n_rw + n_es :].nonzero().T
-        sc_rows = sc_rows + n_rw + n_es
-        coef[n_rw + n_es :] = 0.0
-        coef[sc_rows, sc_cols] = settings.scope_leak
+        rows = torch.arange(replay.cols.shape[0], device=dev)
+        answer_cols = replay.answer - replay.subject  # [B], suffix coordinates
+        es_rows = rows[n_rewrites:]
+        tgt_rows = rows[:n_rewrites].repeat_interleave(m)  # [n_rw·m]
+        tgt_cols = (answer_cols[:n_rewrites, None] + torch.arange(m, device=dev)).reshape(-1)
+        tgt = torch.tensor(list(answer), device=dev).repeat(n_rewrites)  # [n_rw·m]
         with torch.no_grad():
-            ref_logp = F.log_softmax(head(replay.full_hidden[es_rows, answer[es_rows]]).float(), -1)
-            ref_scope = F.log_softmax(
-                head(replay.full_hidden[sc_rows, replay.cols[sc_rows, sc_cols]]).float(), -1
-            )
-        tgt_rows = rows[:n_rw].repeat_interleave(m)  # [n_rw·m]
-        tgt_cols = (answer_cols[:n_rw, None] + torch.arange(m, device=dev)).reshape(-1)
-        tgt = torch.tensor(rewrites[0].answer, device=dev).repeat(n_rw)  # [n_rw·m]
+            full = replay.full_hidden
+            ref_logp = F.log_softmax(head(full[es_rows, replay.answer[es_rows]]).float(), -1)
 
         v0_norm = float(replay.v0.norm())
-        max_norm = settings.clamp_norm_factor * v0_norm
+        start, end = settings.clamp_start_factor, settings.clamp_norm_factor
         delta = torch.zeros_like(replay.v0, dtype=torch.float32, requires_grad=True)
-        adam = settings.optimizer == "adam"
-        optimiser = torch.optim.Adam([delta], lr=settings.lr) if adam else None
+        optimiser = torch.optim.Adam([delta], lr=settings.lr)
         step, nll, reached = 0, float("nan"), False
         with torch.enable_grad():
             for step in range(settings.steps + 1):  # noqa: B007 (read after the loop)
-                hidden = replay.hidden(delta, coef)  # [B, S, d]
+                hidden = replay.hidden(delta)  # [B, S, d]
                 logp = F.log_softmax(head(hidden[tgt_rows, tgt_cols]).float(), -1)  # [N, V]
                 tok_logp = logp.gather(1, tgt[:, None])[:, 0]  # [n_rw·m]
                 loss = -tok_logp.mean()
                 nll = float(loss.detach())
-                reached = _all_argmax(logp, tok_logp, tgt, settings.stop_margin)
+                k = m if settings.stop_on_prompt else len(tgt)  # row 0 is the bare prompt
+                reached = _all_argmax(logp[:k], tok_logp[:k], tgt[:k], settings.stop_margin)
                 if reached or step == settings.steps:
                     break
-                if settings.kl_factor and essence:
+                if settings.kl_factor and len(es_rows):
                     now = F.log_softmax(head(hidden[es_rows, answer_cols[es_rows]]).float(), -1)
                     kl = F.kl_div(now, ref_logp, log_target=True, reduction="batchmean")
                     loss = loss + settings.kl_factor * kl
-                if use_scope:
-                    now = F.log_softmax(head(hidden[sc_rows, sc_cols]).float(), -1)
-                    kl = F.kl_div(now, ref_scope, log_target=True, reduction="batchmean")
-                    loss = loss + settings.scope_factor * kl
                 if settings.weight_decay:
                     loss = loss + settings.weight_decay * delta.pow(2).sum() / v0_norm**2
-                if optimiser is not None:
-                    optimiser.zero_grad()
-                    loss.backward()
-                    optimiser.step()
-                else:
-                    (grad,) = torch.autograd.grad(loss, [delta])
-                    with torch.no_grad():
-                        delta.sub_(settings.lr * v0_norm * grad / grad.norm().clamp_min(1e-12))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
                 with torch.no_grad():
+                    grown = min(1.0, (step + 1) / max(1, settings.steps - 1))
+                    max_norm = (start + (end - start) * grown) * v0_norm
                     norm = delta.norm()
                     if norm > max_norm:
                         delta.mul_(max_norm / norm)
-    return ValueResult(
-        delta=delta.detach(),
-        keys=replay.keys,
-        lengths=replay.lengths,
-        v0_norm=v0_norm,
-        steps=step,
-        nll=nll,
-        reached=reached,
-    )
+    return ValueResult(delta=delta.detach(), v0_norm=v0_norm, steps=step, nll=nll, reached=reached)
 
 
 def _all_argmax(

@@ -16,7 +16,6 @@ from methods.common import (
     chat_sequence,
     collect_keys,
     context_questions,
-    scope_sequences,
     subject_last_index,
     target_ids,
 )
@@ -98,7 +97,7 @@ def test_suffix_replay_matches_a_full_forward_with_delta(kind: str) -> None:
         chat_sequence(ctx, q, "Eiffel Tower", answer)
         for q in context_questions("Where is the Eiffel Tower located?", 3)
     ]
-    seqs += scope_sequences(ctx, ["Why is the sky blue?", "Hi"])
+    seqs.append(chat_sequence(ctx, "What is the Eiffel Tower?", "Eiffel Tower"))
     module = ctx.arch.down_proj(0)
     replay = SuffixReplay(ctx, 0, module, seqs)
     delta = torch.randn(replay.v0.shape) * 3
@@ -132,14 +131,6 @@ def test_added_low_rank_equals_adding_to_a_weight_copy(kind: str) -> None:
     with torch.no_grad():
         edited.get_parameter(name).add_(u @ v)
         torch.testing.assert_close(hooked, edited(ids).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_scope_sequences_start_after_the_shared_prefix() -> None:
-    ctx = make_ctx(system="Be brief.")
-    a, b = scope_sequences(ctx, ["Why?", "How so?"])
-    assert a.subject_pos == b.subject_pos
-    assert a.ids[: a.subject_pos] == b.ids[: b.subject_pos]
-    assert a.ids[a.subject_pos] != b.ids[b.subject_pos]
 
 
 @dataclass(frozen=True)
