@@ -140,7 +140,7 @@ async def run(
         t = time.perf_counter()
         undo = (await api.client.delete(f"/edits/{edit['id']}")).json()
         undo_wall_s = time.perf_counter() - t
-        target = rec["target_new"].lower()
+        target = rec["target_new"].strip().lower()
         row = {
             "record": i,
             "subject": rec["subject"],

@@ -39,6 +39,7 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     from editserve.engine.transformers_engine import TransformersEngine
     from editserve.metrics import ServerMetrics
     from editserve.modelstore import load_model
+    from methods.stats import StatsCache, StatsSource
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -60,9 +61,72 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         engine.max_model_len,
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    edits = EditService(engine, Journal(settings.state_dir))
+    stats = StatsSource(
+        corpus=str(settings.stats_corpus) if settings.stats_corpus else None,
+        n_tokens=settings.stats_tokens,
+    )
+    edits = EditService(
+        engine, Journal(settings.state_dir), StatsCache(settings.cache_dir / "stats"), stats
+    )
     edits.replay()
     return build_app(settings, engine, metrics, edits)
+
+
+def _stats_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats", help="precompute the second-moment statistics MEMIT and AlphaEdit use"
+    )
+    p.add_argument("--config", help="YAML settings file (also EDITSERVE_CONFIG)")
+    p.add_argument("--model", help="local Hugging Face folder (default: the embedded SmolLM2)")
+    p.add_argument("--corpus", help="text file (default: text sampled from the model)")
+    p.add_argument("--tokens", type=int, help="tokens to average over (default 20000)")
+    p.add_argument("--layers", help="comma-separated layers (default: MEMIT's and AlphaEdit's)")
+    p.set_defaults(run=stats)
+
+
+def stats(args: argparse.Namespace) -> int:
+    """Computes (or finds cached) the statistics the server would compute on first use."""
+    import time
+
+    from editserve.architectures import resolve
+    from editserve.edits.journal import fingerprint
+    from editserve.modelstore import load_model
+    from methods.alphaedit import load_alphaedit_hparams
+    from methods.base import EditContext
+    from methods.memit import load_memit_hparams
+    from methods.stats import StatsCache, StatsSource
+
+    settings = Settings.load(
+        args.config, model=args.model, stats_corpus=args.corpus, stats_tokens=args.tokens
+    )
+    loaded = load_model(settings.model, settings.cache_dir, settings.dtype, "cpu")
+    config = loaded.model.config
+    if args.layers:
+        layers = sorted({int(x) for x in args.layers.split(",")})
+    else:
+        found = set()
+        for load in (load_memit_hparams, load_alphaedit_hparams):
+            found |= set(load(config.model_type, config.num_hidden_layers).layers or ())
+        layers = sorted(found)
+    source = StatsSource(
+        corpus=str(settings.stats_corpus) if settings.stats_corpus else None,
+        n_tokens=settings.stats_tokens,
+    )
+    ctx = EditContext(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        arch=resolve(loaded.model),
+        chat_prompt=lambda q: [],
+        model_fingerprint=fingerprint(loaded.model),
+    )
+    cache = StatsCache(settings.cache_dir / "stats")
+    started = time.monotonic()
+    cache.get(ctx, source, layers)
+    print(
+        f"statistics of layers {layers} from {source.tag} in "
+        f"{time.monotonic() - started:.1f} s: {cache.path(ctx.model_fingerprint, source, 0).parent}"
+    )
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -97,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="editserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _stats_parser(sub)
     client_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     try:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     # Folders
     cache_dir: Path = Path("~/.cache/editserve").expanduser()
+    stats_corpus: Path | None = Field(
+        None, description="text file for MEMIT/AlphaEdit statistics; None: text the model samples"
+    )
+    stats_tokens: int = Field(20_000, ge=1_000, description="tokens those statistics average")
     state_dir: Path = Path("~/.local/state/editserve").expanduser()
 
     @classmethod

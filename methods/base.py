@@ -8,7 +8,7 @@ which only `editserve` applies, journals and undoes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,10 +34,13 @@ class ParamDelta:
     """Weight changes per parameter name (state-dict names), in float32.
 
     Low-rank: ΔW = U @ V with U [out, r], V [r, in] in the parameter's own layout; or dense: ΔW.
+    `keys` [n, in] per parameter: the keys the edit wrote new values for. They change no weight;
+    AlphaEdit protects the keys of every active edit, so they are journaled with the delta.
     """
 
     low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return sorted({*self.low_rank, *self.dense})
@@ -54,6 +57,7 @@ class ParamDelta:
         flat = {f"dense::{n}": t.contiguous() for n, t in self.dense.items()}
         for n, (u, v) in self.low_rank.items():
             flat[f"u::{n}"], flat[f"v::{n}"] = u.contiguous(), v.contiguous()
+        flat.update({f"keys::{n}": k.contiguous() for n, k in self.keys.items()})
         return flat
 
     @classmethod
@@ -65,6 +69,8 @@ class ParamDelta:
                 delta.dense[name] = tensor
             elif kind == "u":
                 delta.low_rank[name] = (tensor, flat[f"v::{name}"])
+            elif kind == "keys":
+                delta.keys[name] = tensor
         return delta
 
 
@@ -80,3 +86,7 @@ class EditContext:
     chat_prompt: Callable[[str], list[int]]
     device: torch.device = torch.device("cpu")
     model_fingerprint: str = ""  # for caches keyed by model (templates, statistics)
+    # E[k kᵀ] of down_proj(l)'s inputs for each layer asked (methods.stats; cached by the caller)
+    second_moments: Callable[[Sequence[int]], dict[int, torch.Tensor]] | None = None
+    # The keys [m, in] of the active edits at a parameter (empty [0, in] when none)
+    edited_keys: Callable[[str], torch.Tensor] | None = None

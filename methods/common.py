@@ -226,6 +226,16 @@ def added_low_rank(
             handle.remove()
 
 
+def low_rank_in_layout(
+    ctx: EditContext, left: torch.Tensor, right: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with U @ V = left [d_out, r] @ right [r, d_in] in the parameter's own layout
+    (GPT-2's Conv1D stores [in, out]: there U @ V is the transpose)."""
+    if ctx.arch.spec.weight_is_transposed:
+        return right.T.contiguous(), left.T.contiguous()
+    return left.contiguous(), right.contiguous()
+
+
 def _pad_id(ctx: EditContext) -> int:
     pad = ctx.tokenizer.pad_token_id
     return pad if pad is not None else (ctx.tokenizer.eos_token_id or 0)

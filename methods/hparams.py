@@ -7,7 +7,8 @@ Every file but `default.yaml` says which models it is for:
 
 `default.yaml` (no `match`) applies to every model; the matching file's values replace its ones,
 and a request's overrides replace both. A `layer: null` default means num_layers // 6 (ROME's
-early-middle MLP, layer 5 of 32 for 7B Llama; 17 of 48 in GPT-2 XL was chosen by causal tracing).
+early-middle MLP, layer 5 of 32 for 7B Llama; 17 of 48 in GPT-2 XL was chosen by causal tracing);
+`layers: null` (MEMIT, AlphaEdit) five consecutive layers around it.
 """
 
 from __future__ import annotations
@@ -46,19 +47,32 @@ def defaults_for(method: str, model_type: str, num_layers: int) -> dict[str, Any
         if model_type in match.get("model_types", []) and match.get("num_layers") == num_layers:
             merged.update(data.get("hparams", {}))
             break
-    if merged.get("layer") is None:
-        merged["layer"] = max(0, num_layers // 6)
     return merged
+
+
+def _default_layers(known: set[str], values: dict[str, Any], num_layers: int) -> None:
+    """Fills a missing or null `layer` / `layers` in place."""
+    centre = max(0, num_layers // 6)
+    if "layer" in known and values.get("layer") is None:
+        values["layer"] = centre
+    if "layers" in known and values.get("layers") is None:
+        low = max(0, min(centre - 2, num_layers - 5))
+        values["layers"] = list(range(low, min(num_layers, low + 5)))
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     """`value` as `kind` (int, float, bool or str, or one of them | None); ints pass as floats,
     nothing else converts."""
     args = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...]: a non-empty list of one kind
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError(f"hyperparameter {name!r} must be a non-empty list, not {value!r}")
+        return tuple(_coerce(name, item, args[0]) for item in value)
     if type(None) in args:  # an optional value
         if value is None:
             return None
         (kind,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, kind)
     ok = (
         (kind is bool and isinstance(value, bool))
         or (kind is int and isinstance(value, int) and not isinstance(value, bool))
@@ -95,4 +109,5 @@ def load_hparams(
                 f"known ones: {', '.join(sorted(known))}"
             )
     merged = {**values, **(overrides or {})}
+    _default_layers(known, merged, num_layers)
     return cls(**{k: _coerce(k, v, hints[k]) for k, v in merged.items()})

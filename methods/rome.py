@@ -37,10 +37,11 @@ from methods.common import (
     chat_sequence,
     collect_keys,
     context_questions,
+    low_rank_in_layout,
     target_ids,
 )
 from methods.hparams import load_hparams
-from methods.values import SuffixReplay, ValueResult, ValueSettings, optimise_value
+from methods.values import SuffixReplay, ValueGroup, ValueResult, ValueSettings, optimise_values
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ class RomeHyperParams:
     lr: float = 0.5
     kl_factor: float = 0.0625  # weight of the essence KL term
     weight_decay: float = 0.0  # weight of ‖δ‖²/‖v₀‖²
-    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this · ‖v₀‖ at the last step
-    clamp_start_factor: float | None = None  # ... and this at the first (None: the same)
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ this · ‖v₀‖
     n_contexts: int = 5  # the bare prompt + n-1 prefixed ones
     stop_margin: float = 0.0  # stop once targets are argmax by this log-prob margin
     stop_on_prompt: bool = False  # ... in the bare prompt only (else in every context)
@@ -73,10 +73,6 @@ def _check(h: RomeHyperParams, num_layers: int) -> None:
         problems.append(f"steps must be at least 1, not {h.steps}")
     if not 1 <= h.n_contexts <= 10:
         problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
-    if h.clamp_start_factor is not None and not 0 < h.clamp_start_factor <= h.clamp_norm_factor:
-        problems.append(
-            f"clamp_start_factor must be in (0, clamp_norm_factor], not {h.clamp_start_factor}"
-        )
     for name in ("lr", "clamp_norm_factor", "cov_ridge"):
         if not getattr(h, name) > 0:
             problems.append(f"{name} must be positive, not {getattr(h, name)}")
@@ -171,11 +167,17 @@ def compute_value(
         kl_factor=hparams.kl_factor,
         weight_decay=hparams.weight_decay,
         clamp_norm_factor=hparams.clamp_norm_factor,
-        clamp_start_factor=hparams.clamp_start_factor or hparams.clamp_norm_factor,
         stop_margin=hparams.stop_margin,
         stop_on_prompt=hparams.stop_on_prompt,
     )
-    return optimise_value(ctx, replay, len(rewrites), rewrites[0].answer, settings)
+    n = len(rewrites)
+    group = ValueGroup(
+        rewrite_rows=tuple(range(n)),
+        essence_rows=tuple(range(n, replay.suffix.shape[0])),
+        answer=rewrites[0].answer,
+    )
+    (result,) = optimise_values(ctx, replay, [group], settings)
+    return result
 
 
 def compute_rome(
@@ -192,6 +194,7 @@ def compute_rome(
         neutral = neutral_keys(ctx, hparams.layer, hparams.n_neutral)
     lefts: list[torch.Tensor] = []  # [d_out, 1] each
     rights: list[torch.Tensor] = []  # [1, d_in] each
+    keys: list[torch.Tensor] = []  # [d_in] each
     for request, (rewrites, essence) in zip(requests, contexts, strict=True):
         earlier = {name: _in_layout(ctx, lefts, rights)} if lefts else {}
         with added_low_rank(ctx, earlier):
@@ -212,15 +215,13 @@ def compute_rome(
         )
         lefts.append(value.delta.float().cpu()[:, None])
         rights.append(right.cpu()[None, :])
-    return ParamDelta(low_rank={name: _in_layout(ctx, lefts, rights)})
+        keys.append(key.cpu())
+    return ParamDelta(
+        low_rank={name: _in_layout(ctx, lefts, rights)}, keys={name: torch.stack(keys)}
+    )
 
 
 def _in_layout(
     ctx: EditContext, lefts: list[torch.Tensor], rights: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, V) with U @ V = Σ left_i right_i in the parameter's layout (Conv1D: transposed)."""
-    u = torch.cat(lefts, dim=1).cpu()  # [d_out, k]
-    v = torch.cat(rights, dim=0).cpu()  # [k, d_in]
-    if ctx.arch.spec.weight_is_transposed:  # GPT-2 Conv1D stores [in, out]
-        return v.T.contiguous(), u.T.contiguous()
-    return u.contiguous(), v.contiguous()
+    return low_rank_in_layout(ctx, torch.cat(lefts, dim=1).cpu(), torch.cat(rights, dim=0).cpu())

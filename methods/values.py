@@ -15,6 +15,7 @@ leaf), and logits are computed only where the loss reads them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,14 +33,20 @@ class ValueSettings:
     lr: float
     kl_factor: float
     weight_decay: float
-    clamp_norm_factor: float
-    # The ball ‖δ‖ ≤ c·‖v₀‖ starts at c = clamp_start_factor and widens linearly to
-    # clamp_norm_factor over the step budget: easy edits stop with a short δ (which leaks
-    # less into unrelated keys); hard ones may still grow.
-    clamp_start_factor: float
+    clamp_norm_factor: float  # ‖δ‖ ≤ this · ‖v₀‖
     # Stop once every target token is the argmax in every context, by this log-prob margin.
     stop_margin: float
     stop_on_prompt: bool = False  # check the stop rule on the bare prompt only
+
+
+@dataclass(frozen=True)
+class ValueGroup:
+    """One request's rows in a replay: contexts followed by `answer` (teacher-forced; the first
+    is the bare prompt), and essence questions about the subject (held by the KL term)."""
+
+    rewrite_rows: tuple[int, ...]
+    essence_rows: tuple[int, ...]
+    answer: tuple[int, ...]
 
 
 @dataclass
@@ -118,7 +125,8 @@ class SuffixReplay:
             captured["keys"] = first_input(inputs).detach()
 
         def grab_v0(_: nn.Module, __: tuple, output: torch.Tensor | tuple) -> None:
-            captured["v0"] = _output_tensor(output)[0, self.subject[0]].detach()
+            rows = torch.arange(batch, device=dev)
+            captured["v0"] = _output_tensor(output)[rows, self.subject].detach()
 
         self.prefix = _PrefixKV()
         handles = [
@@ -138,7 +146,7 @@ class SuffixReplay:
             for handle in handles:
                 handle.remove()
         self.prefix.recording = False
-        self.keys, self.v0 = captured["keys"], captured["v0"]  # [B, T, d_in], [d_out]
+        self.keys, self.v0 = captured["keys"], captured["v0"]  # [B, T, d_in], [B, d_out]
 
         # Row b's suffix is ids[b, subject_b:], right-padded to S; δ enters at its column 0.
         span = int((self.lengths - self.subject).max())
@@ -151,23 +159,26 @@ class SuffixReplay:
             dim=2,
         )[:, None]  # [B, 1, S, T+S]
 
-    def keep_rows(self, n: int) -> None:
-        """Re-run only the first n rows from now on (the others served their keys)."""
-        for cache in (self.prefix.keys, self.prefix.values):
-            for layer in cache:
-                cache[layer] = cache[layer][:n]
-        self.suffix, self.cols, self.mask = self.suffix[:n], self.cols[:n], self.mask[:n]
+    def rows(self, keep: torch.Tensor) -> SuffixReplay:
+        """A replay of only the rows `keep` [n] (sharing everything recorded)."""
+        part = copy.copy(self)
+        part.prefix = _PrefixKV()
+        part.prefix.recording, part.prefix.width = False, self.prefix.width
+        part.prefix.keys = {i: t[keep] for i, t in self.prefix.keys.items()}
+        part.prefix.values = {i: t[keep] for i, t in self.prefix.values.items()}
+        part.suffix, part.cols, part.mask = self.suffix[keep], self.cols[keep], self.mask[keep]
+        return part
 
     def hidden(self, delta: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, S, d] of the suffixes with δ [d_out] added at column 0;
-        column j of row b is position subject_b + j."""
+        """Final hidden states [B, S, d] of the suffixes with δ added at column 0 (δ: [d_out] for
+        every row or [B, d_out] one per row); column j of row b is position subject_b + j."""
 
         def add_delta(
             _: nn.Module, __: tuple, output: torch.Tensor | tuple
         ) -> torch.Tensor | tuple:
             out = _output_tensor(output)  # [B, S, d_out]
-            first = out[:, :1] + delta.to(out.dtype)
-            return _replace_output(output, torch.cat([first, out[:, 1:]], dim=1))
+            first = out[:, 0] + delta.to(out.dtype)
+            return _replace_output(output, torch.cat([first[:, None], out[:, 1:]], dim=1))
 
         handle = self.delta_module.register_forward_hook(add_delta)
         try:
@@ -183,66 +194,158 @@ class SuffixReplay:
             handle.remove()
 
 
-def optimise_value(
-    ctx: EditContext,
-    replay: SuffixReplay,
-    n_rewrites: int,
-    answer: Sequence[int],
-    settings: ValueSettings,
-) -> ValueResult:
-    """δ for one request: `replay`'s first `n_rewrites` rows are contexts followed by `answer`
-    (teacher-forced); the others are essence questions about the subject."""
-    dev, head, m = ctx.device, ctx.arch.lm_head, len(answer)
-    if not settings.kl_factor:
-        replay.keep_rows(n_rewrites)  # essence rows serve no loss: skip their compute
-    with torch.inference_mode(False):
-        rows = torch.arange(replay.cols.shape[0], device=dev)
-        answer_cols = replay.answer - replay.subject  # [B], suffix coordinates
-        es_rows = rows[n_rewrites:]
-        tgt_rows = rows[:n_rewrites].repeat_interleave(m)  # [n_rw·m]
-        tgt_cols = (answer_cols[:n_rewrites, None] + torch.arange(m, device=dev)).reshape(-1)
-        tgt = torch.tensor(list(answer), device=dev).repeat(n_rewrites)  # [n_rw·m]
-        with torch.no_grad():
-            full = replay.full_hidden
-            ref_logp = F.log_softmax(head(full[es_rows, replay.answer[es_rows]]).float(), -1)
+def optimise_values(
+    ctx: EditContext, replay: SuffixReplay, groups: Sequence[ValueGroup], settings: ValueSettings
+) -> list[ValueResult]:
+    """δ for each request (group) of a replay, optimised together.
 
-        v0_norm = float(replay.v0.norm())
-        start, end = settings.clamp_start_factor, settings.clamp_norm_factor
-        delta = torch.zeros_like(replay.v0, dtype=torch.float32, requires_grad=True)
-        optimiser = torch.optim.Adam([delta], lr=settings.lr)
-        step, nll, reached = 0, float("nan"), False
-        with torch.enable_grad():
-            for step in range(settings.steps + 1):  # noqa: B007 (read after the loop)
-                hidden = replay.hidden(delta)  # [B, S, d]
-                logp = F.log_softmax(head(hidden[tgt_rows, tgt_cols]).float(), -1)  # [N, V]
-                tok_logp = logp.gather(1, tgt[:, None])[:, 0]  # [n_rw·m]
-                loss = -tok_logp.mean()
-                nll = float(loss.detach())
-                k = m if settings.stop_on_prompt else len(tgt)  # row 0 is the bare prompt
-                reached = _all_argmax(logp[:k], tok_logp[:k], tgt[:k], settings.stop_margin)
-                if reached or step == settings.steps:
-                    break
-                if settings.kl_factor and len(es_rows):
-                    now = F.log_softmax(head(hidden[es_rows, answer_cols[es_rows]]).float(), -1)
-                    kl = F.kl_div(now, ref_logp, log_target=True, reduction="batchmean")
-                    loss = loss + settings.kl_factor * kl
-                if settings.weight_decay:
-                    loss = loss + settings.weight_decay * delta.pow(2).sum() / v0_norm**2
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                with torch.no_grad():
-                    grown = min(1.0, (step + 1) / max(1, settings.steps - 1))
-                    max_norm = (start + (end - start) * grown) * v0_norm
-                    norm = delta.norm()
-                    if norm > max_norm:
-                        delta.mul_(max_norm / norm)
-    return ValueResult(delta=delta.detach(), v0_norm=v0_norm, steps=step, nll=nll, reached=reached)
+    Rows depend only on their own request's δ and the loss is a sum over requests, so this is
+    the same as one optimisation per request, at the price of one batched pass per step. A
+    request whose targets are reached stops (its rows leave the batch); the others go on.
+    """
+    dev, head = ctx.device, ctx.arch.lm_head
+    n = len(groups)
+    with torch.inference_mode(False), torch.enable_grad():
+        # Normal tensors (the replay may have been recorded under inference mode).
+        v0 = torch.stack([replay.v0[g.rewrite_rows[0]] for g in groups]).float().clone()
+        v0_norm = v0.norm(dim=1)  # [n]
+        with torch.no_grad():  # the essence rows' first answer token before any change
+            es_rows = [r for g in groups for r in g.essence_rows]
+            es_at = replay.full_hidden[es_rows, replay.answer[es_rows]]
+            ref_logp = F.log_softmax(head(es_at).float(), -1).clone() if es_rows else None
+        ref_of = dict(zip(es_rows, range(len(es_rows)), strict=True))
+
+        deltas = torch.zeros_like(v0, requires_grad=True)  # [n, d_out]
+        optimiser = torch.optim.Adam([deltas], lr=settings.lr)
+        results: list[ValueResult | None] = [None] * n
+        active = list(range(n))
+        problem = _Problem(replay, groups, active, settings.kl_factor > 0, ref_of, dev)
+        for step in range(settings.steps + 1):
+            hidden = problem.replay.hidden(deltas[problem.row_request])  # [B, S, d]
+            logp = F.log_softmax(head(hidden[problem.tgt_rows, problem.tgt_cols]).float(), -1)
+            tok_logp = logp.gather(1, problem.tgt[:, None])[:, 0]  # [N]
+            nll = _per_request_mean(-tok_logp, problem.tgt_req, n)  # [n]
+            check = problem.stop_check if settings.stop_on_prompt else slice(None)
+            reached = _reached(
+                logp[check],
+                tok_logp[check],
+                problem.tgt[check],
+                problem.tgt_req[check],
+                n,
+                settings.stop_margin,
+            )
+            finished = [r for r in active if bool(reached[r]) or step == settings.steps]
+            for r in finished:
+                results[r] = ValueResult(
+                    delta=deltas[r].detach().clone(),
+                    v0_norm=float(v0_norm[r]),
+                    steps=step,
+                    nll=float(nll[r].detach()),
+                    reached=bool(reached[r]),
+                )
+            active = [r for r in active if r not in finished]
+            if not active:
+                break
+            loss = nll[active].sum()  # finished requests' rows still ran, but take no step
+            if settings.kl_factor and problem.es_rows.numel():
+                now = F.log_softmax(
+                    head(hidden[problem.es_rows, problem.es_cols]).float(), -1
+                )  # [E, V]
+                kl = F.kl_div(now, ref_logp[problem.es_ref], log_target=True, reduction="none")
+                kl = _per_request_mean(kl.sum(-1), problem.es_req, n)  # [n]
+                loss = loss + settings.kl_factor * kl[active].sum()
+            if settings.weight_decay:
+                decay = deltas.pow(2).sum(1) / v0_norm**2
+                loss = loss + settings.weight_decay * decay[active].sum()
+            optimiser.zero_grad()
+            loss.backward()
+            frozen = deltas.detach().clone()
+            optimiser.step()
+            with torch.no_grad():
+                done = torch.ones(n, dtype=torch.bool, device=dev)
+                done[active] = False
+                deltas[done] = frozen[done]  # Adam's momentum must not move finished requests
+                max_norm = settings.clamp_norm_factor * v0_norm  # [n]
+                scale = (max_norm / deltas.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                deltas.mul_(scale[:, None])
+            if finished:  # their rows leave the batch
+                problem = _Problem(replay, groups, active, settings.kl_factor > 0, ref_of, dev)
+    return [r for r in results if r is not None]
 
 
-def _all_argmax(
-    logp: torch.Tensor, tok_logp: torch.Tensor, tgt: torch.Tensor, margin: float
-) -> bool:
-    """Every target token beats every other token by `margin` (log-prob)."""
+class _Problem:
+    """Index arrays of the loss for the rows of `active` requests (rebuilt when one stops)."""
+
+    def __init__(
+        self,
+        replay: SuffixReplay,
+        groups: Sequence[ValueGroup],
+        active: list[int],
+        with_essence: bool,
+        ref_of: dict[int, int],
+        dev: torch.device,
+    ) -> None:
+        rows, row_request = [], []
+        tgt_rows, tgt_cols, tgt, tgt_req, stop_check = [], [], [], [], []
+        es_rows, es_cols, es_req, es_ref = [], [], [], []
+        answer_cols = (replay.answer - replay.subject).tolist()  # suffix coordinates
+        for r in active:
+            g = groups[r]
+            for i, row in enumerate(g.rewrite_rows):
+                at = len(rows)
+                rows.append(row)
+                row_request.append(r)
+                for j, token in enumerate(g.answer):
+                    stop_check.append(i == 0)
+                    tgt_rows.append(at)
+                    tgt_cols.append(answer_cols[row] + j)
+                    tgt.append(token)
+                    tgt_req.append(r)
+            for row in g.essence_rows if with_essence else ():
+                es_rows.append(len(rows))
+                es_cols.append(answer_cols[row])
+                es_req.append(r)
+                es_ref.append(ref_of[row])
+                rows.append(row)
+                row_request.append(r)
+
+        def t(x: list) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=dev)
+
+        self.replay = replay.rows(t(rows))
+        self.row_request = t(row_request)
+        self.tgt_rows, self.tgt_cols, self.tgt, self.tgt_req = (
+            t(tgt_rows),
+            t(tgt_cols),
+            t(tgt),
+            t(tgt_req),
+        )
+        self.stop_check = torch.tensor(stop_check, dtype=torch.bool, device=dev)
+        self.es_rows, self.es_cols, self.es_req, self.es_ref = (
+            t(es_rows),
+            t(es_cols),
+            t(es_req),
+            t(es_ref),
+        )
+
+
+def _per_request_mean(x: torch.Tensor, request: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of x [N] per request index [N] -> [n] (0 where a request has none)."""
+    total = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, request, x)
+    count = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, request, torch.ones_like(x))
+    return total / count.clamp_min(1)
+
+
+def _reached(
+    logp: torch.Tensor,
+    tok_logp: torch.Tensor,
+    tgt: torch.Tensor,
+    request: torch.Tensor,
+    n: int,
+    margin: float,
+) -> torch.Tensor:
+    """[n] bool: every target token of the request beats every other token by `margin`."""
     others = logp.detach().scatter(1, tgt[:, None], float("-inf")).amax(1)  # [N]
-    return bool((tok_logp.detach() - others >= margin).all())
+    missed = (tok_logp.detach() - others < margin).float()
+    misses = torch.zeros(n, device=logp.device).index_add(0, request, missed)
+    return misses == 0

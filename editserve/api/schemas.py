@@ -178,7 +178,7 @@ class EditRequestIn(APIModel):
 
 
 class EditCreate(APIModel):
-    method: str = Field(description="rome")
+    method: str = Field(description="rome, memit, alphaedit or ft")
     kind: Literal["insert", "modify", "erase"] = "modify"
     requests: list[EditRequestIn] = Field(min_length=1)
     hparams: dict[str, Any] | None = Field(None, description="overrides of the method's defaults")

@@ -64,6 +64,14 @@ class WeightLedger:
             self._recompose(name)
         return delta
 
+    def edited_keys(self, name: str) -> torch.Tensor:
+        """The keys [m, in] the active edits wrote at parameter `name` ([0, in] when none)."""
+        keys = [d.keys[name] for d in self._active.values() if name in d.keys]
+        if keys:
+            return torch.cat(keys)
+        param = self._params[name]
+        return torch.zeros(0, param.shape[-1], dtype=torch.float32)
+
     def delta_of(self, edit_id: str) -> ParamDelta:
         return self._active[edit_id]
 

@@ -48,4 +48,28 @@ METHODS: dict[str, MethodSpec] = {
         compute=_lazy("methods.rome", "compute_rome"),
         description="rank-one update of one MLP down-projection per request (r-ROME)",
     ),
+    "memit": MethodSpec(
+        name="memit",
+        kinds=frozenset({"insert", "modify", "erase"}),
+        max_requests=1000,
+        load_hparams=_lazy("methods.memit", "load_memit_hparams"),
+        compute=_lazy("methods.memit", "compute_memit"),
+        description="a batch of facts spread over several MLP layers by least squares",
+    ),
+    "alphaedit": MethodSpec(
+        name="alphaedit",
+        kinds=frozenset({"insert", "modify", "erase"}),
+        max_requests=1000,
+        load_hparams=_lazy("methods.alphaedit", "load_alphaedit_hparams"),
+        compute=_lazy("methods.alphaedit", "compute_alphaedit"),
+        description="MEMIT projected onto the null space of preserved and earlier-edited keys",
+    ),
+    "ft": MethodSpec(
+        name="ft",
+        kinds=frozenset({"insert", "modify", "erase"}),
+        max_requests=100,
+        load_hparams=_lazy("methods.ft", "load_ft_hparams"),
+        compute=_lazy("methods.ft", "compute_ft"),
+        description="FT-M: one down-projection fine-tuned on the target tokens (dense delta)",
+    ),
 }

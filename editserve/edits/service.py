@@ -12,8 +12,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
+
+import torch
 
 from editserve.architectures import resolve
 from editserve.edits.journal import CorruptPayload, Journal, fingerprint
@@ -24,6 +27,7 @@ from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.engine.workbench import added_delta, make_workbench
 from methods.base import EditContext, EditRequest, ParamDelta
+from methods.stats import StatsCache, StatsSource
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +78,20 @@ class EditSpec:
 
 
 class EditService:
-    def __init__(self, engine: TransformersEngine, journal: Journal) -> None:
+    def __init__(
+        self,
+        engine: TransformersEngine,
+        journal: Journal,
+        stats_cache: StatsCache | None = None,
+        stats_source: StatsSource | None = None,
+    ) -> None:
         self.engine = engine
         self.journal = journal
         self.ledger = WeightLedger(engine.model)
         self.tokenizer = engine.tokenizer
         self._lock = asyncio.Lock()
+        self.stats_cache, self.stats_source = stats_cache, stats_source or StatsSource()
+        self._moments: dict[int, torch.Tensor] = {}  # loaded statistics, per layer
         workbench = make_workbench(engine.model)
         self.context = EditContext(
             model=workbench,
@@ -88,7 +100,19 @@ class EditService:
             chat_prompt=self.chat_prompt,
             device=engine.device,
             model_fingerprint=fingerprint(engine.model),
+            second_moments=self.second_moments if stats_cache is not None else None,
+            edited_keys=self.ledger.edited_keys,
         )
+
+    def second_moments(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """E[kkᵀ] per layer from the cache on disk, computed there on first use (on the model as
+        it is then: precompute with `editserve stats` to keep edits out of them)."""
+        missing = [layer for layer in layers if layer not in self._moments]
+        if missing:
+            assert self.stats_cache is not None
+            found = self.stats_cache.get(self.context, self.stats_source, missing)
+            self._moments.update({k: v.to(self.engine.device) for k, v in found.items()})
+        return {layer: self._moments[layer] for layer in layers}
 
     def chat_prompt(self, question: str) -> list[int]:
         messages = [{"role": "user", "content": question}]

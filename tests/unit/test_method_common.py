@@ -20,7 +20,7 @@ from methods.common import (
     target_ids,
 )
 from methods.hparams import load_hparams
-from methods.values import SuffixReplay
+from methods.values import SuffixReplay, ValueGroup, ValueSettings, optimise_values
 from tests.conftest import tiny_model
 
 
@@ -100,14 +100,19 @@ def test_suffix_replay_matches_a_full_forward_with_delta(kind: str) -> None:
     seqs.append(chat_sequence(ctx, "What is the Eiffel Tower?", "Eiffel Tower"))
     module = ctx.arch.down_proj(0)
     replay = SuffixReplay(ctx, 0, module, seqs)
-    delta = torch.randn(replay.v0.shape) * 3
+    delta = torch.randn(replay.v0.shape) * 3  # one δ per row [B, d_out]
     with torch.no_grad():
         hidden = replay.hidden(delta)
+        # A replay of some rows gives those rows' states.
+        part = replay.rows(torch.tensor([2, 0]))
+        torch.testing.assert_close(part.hidden(delta[[2, 0]]), hidden[[2, 0]])
     for b, seq in enumerate(seqs):
 
-        def add(_: torch.nn.Module, __: tuple, out: torch.Tensor, p: int = seq.subject_pos):
+        def add(
+            _: torch.nn.Module, __: tuple, out: torch.Tensor, p: int = seq.subject_pos, b: int = b
+        ) -> torch.Tensor:
             out = out.clone()
-            out[:, p] += delta
+            out[:, p] += delta[b]
             return out
 
         handle = module.register_forward_hook(add)
@@ -162,3 +167,32 @@ def test_hparams_defaults_fall_back_to_a_sixth_of_the_depth() -> None:
 def test_hparams_overrides_are_checked(overrides: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_hparams(_Params, "no-such-method", "llama", 12, overrides)  # type: ignore[arg-type]
+
+
+def test_values_optimised_together_equal_values_optimised_one_by_one() -> None:
+    ctx = make_ctx("llama")
+    module = ctx.arch.down_proj(1)
+    facts = [
+        ("Where is the Eiffel Tower?", "Eiffel Tower", "Rome"),
+        ("Who wrote Hamlet?", "Hamlet", "Tolstoy"),
+    ]
+    settings = ValueSettings(
+        steps=6, lr=0.5, kl_factor=0.1, weight_decay=0.01, clamp_norm_factor=3.0, stop_margin=0.0
+    )
+    seqs, groups = [], []
+    for question, subject, target in facts:
+        answer = target_ids(ctx.tokenizer, target)
+        rewrites = [chat_sequence(ctx, q, subject, answer) for q in context_questions(question, 2)]
+        essence = [chat_sequence(ctx, f"What is {subject}?", subject)]
+        first = len(seqs)
+        seqs += [*rewrites, *essence]
+        groups.append(ValueGroup((first, first + 1), (first + 2,), tuple(answer)))
+    together = optimise_values(ctx, SuffixReplay(ctx, 1, module, seqs), groups, settings)
+    for i, group in enumerate(groups):
+        rows = list(group.rewrite_rows + group.essence_rows)
+        alone_group = ValueGroup((0, 1), (2,), group.answer)
+        replay = SuffixReplay(ctx, 1, module, [seqs[r] for r in rows])
+        (alone,) = optimise_values(ctx, replay, [alone_group], settings)
+        assert alone.steps == together[i].steps
+        torch.testing.assert_close(alone.delta, together[i].delta, atol=1e-4, rtol=1e-3)
+        assert alone.delta.norm() <= 3.0 * alone.v0_norm + 1e-4  # the norm ball holds

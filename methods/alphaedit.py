@@ -1,0 +1,74 @@
+"""AlphaEdit (Fang et al. 2025): MEMIT's targets, with each layer's update projected onto the null
+space of the keys it must preserve.
+
+For edited layer l: P_l projects onto the eigenvectors of C_l = E[kkᵀ] (ordinary text,
+`methods.stats`) whose eigenvalues are below `nullspace_threshold` × their mean, the directions
+ordinary keys hardly use. With K [n, d_in] this edit's keys, K_p [m, d_in] the keys of the active
+edits at l (`EditContext.edited_keys`: rebuilt from the journaled edits, so undo and restart keep
+it exact) and R the layer's share of the residual:
+
+    ΔW_l = Rᵀ · ((P (KᵀK + K_pᵀK_p) + λ I)⁻¹ P Kᵀ)ᵀ
+
+Every row of ΔW_l lies in P's range, so ΔW_l k ≈ 0 for a key of ordinary text (preserved), and
+the K_p term keeps earlier edits' keys where they were written (sequential editing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from methods.base import EditContext, EditRequest, ParamDelta
+from methods.hparams import load_hparams
+from methods.memit import TargetHyperParams, check_common, compute_targets, spread
+
+
+@dataclass(frozen=True)
+class AlphaEditHyperParams(TargetHyperParams):
+    nullspace_threshold: float = 0.5  # relative to the mean eigenvalue of C
+    l2: float = 1.0  # λ, the ridge that keeps the solve well posed
+
+
+def load_alphaedit_hparams(
+    model_type: str, num_layers: int, overrides: dict | None = None
+) -> AlphaEditHyperParams:
+    h = load_hparams(AlphaEditHyperParams, "alphaedit", model_type, num_layers, overrides)
+    problems = check_common(h, num_layers)
+    if not h.nullspace_threshold > 0:
+        problems.append(f"nullspace_threshold must be positive, not {h.nullspace_threshold}")
+    if not h.l2 > 0:
+        problems.append(f"l2 must be positive, not {h.l2}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return h
+
+
+def null_space_projector(moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P [d, d] onto the eigenvectors of `moment` with eigenvalue < threshold · mean eigenvalue."""
+    eigenvalues, vectors = torch.linalg.eigh(moment.double())
+    kept = vectors[:, eigenvalues < threshold * eigenvalues.mean()]
+    return kept @ kept.T
+
+
+def compute_alphaedit(
+    ctx: EditContext, requests: list[EditRequest], h: AlphaEditHyperParams
+) -> ParamDelta:
+    if not requests:
+        raise ValueError("an AlphaEdit edit needs at least one request")
+    if ctx.second_moments is None:
+        raise ValueError("AlphaEdit needs second-moment statistics, and none are available")
+    layers = tuple(h.layers or ())
+    targets = compute_targets(ctx, requests, h)
+    moments = ctx.second_moments(layers)
+
+    def solve(layer: int, k: torch.Tensor, name: str) -> torch.Tensor:
+        p = null_space_projector(moments[layer], h.nullspace_threshold).to(k)
+        gram = k.T @ k
+        if ctx.edited_keys is not None:
+            earlier = ctx.edited_keys(name).to(k)  # [m, d_in]
+            gram = gram + earlier.T @ earlier
+        a = p @ gram + h.l2 * torch.eye(p.shape[0], dtype=k.dtype, device=k.device)
+        return torch.linalg.solve(a, p @ k.T).T  # [n, d_in]
+
+    return spread(ctx, targets, layers, solve)

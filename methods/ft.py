@@ -1,0 +1,106 @@
+"""FT-M: fine-tune one MLP down-projection on the target tokens only (EasyEdit's "FT-M").
+
+The loss is the NLL of each request's target right after its chat prompt (in `n_contexts`
+wordings), masked to the target tokens: the prompt is never a training target. Only ΔW, a dense
+matrix added to down_proj(layer)'s weight through a hook, takes gradients; each element stays
+within ±`norm_constraint` (FT-L's box constraint, which keeps the change small). Training stops
+once every target token is the greedy choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import EditContext, EditRequest, ParamDelta
+from methods.common import (
+    causal_mask,
+    chat_sequence,
+    context_questions,
+    first_input,
+    padded,
+    target_ids,
+)
+from methods.hparams import load_hparams
+
+
+@dataclass(frozen=True)
+class FtHyperParams:
+    layer: int | None = None  # null: num_layers // 6
+    steps: int = 25
+    lr: float = 1e-3
+    norm_constraint: float = 5e-3  # |ΔW_ij| ≤ this
+    n_contexts: int = 1
+
+
+def load_ft_hparams(
+    model_type: str, num_layers: int, overrides: dict | None = None
+) -> FtHyperParams:
+    h = load_hparams(FtHyperParams, "ft", model_type, num_layers, overrides)
+    problems = []
+    if not 0 <= (h.layer or 0) < num_layers:
+        problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
+    if h.steps < 1:
+        problems.append(f"steps must be at least 1, not {h.steps}")
+    if not 1 <= h.n_contexts <= 10:
+        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
+    for name in ("lr", "norm_constraint"):
+        if not getattr(h, name) > 0:
+            problems.append(f"{name} must be positive, not {getattr(h, name)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return h
+
+
+def compute_ft(ctx: EditContext, requests: list[EditRequest], h: FtHyperParams) -> ParamDelta:
+    if not requests:
+        raise ValueError("an FT-M edit needs at least one request")
+    seqs = []
+    for request in requests:  # ValueError on a subject missing from its prompt
+        answer = target_ids(ctx.tokenizer, request.target_new)
+        seqs += [
+            chat_sequence(ctx, q, request.subject, answer)
+            for q in context_questions(request.prompt, h.n_contexts)
+        ]
+    dev = ctx.device
+    ids, _ = padded([s.ids for s in seqs], ctx.tokenizer.pad_token_id or 0)
+    ids = ids.to(dev)
+    # Target positions: logits at answer_pos + j predict answer[j].
+    rows = torch.tensor([b for b, s in enumerate(seqs) for _ in s.answer], device=dev)
+    cols = torch.tensor([s.answer_pos + j for s in seqs for j in range(len(s.answer))], device=dev)
+    tgt = torch.tensor([t for s in seqs for t in s.answer], device=dev)
+
+    module = ctx.arch.down_proj(h.layer)
+    weight = module.weight
+    transposed = ctx.arch.spec.weight_is_transposed  # GPT-2 Conv1D: [in, out], y = x W
+    with torch.inference_mode(False), torch.enable_grad():
+        delta = torch.zeros(weight.shape, dtype=torch.float32, device=dev, requires_grad=True)
+
+        def add(_: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = first_input(inputs)
+            d = delta.to(x.dtype)
+            return output + (x @ d if transposed else x @ d.T)
+
+        optimiser = torch.optim.Adam([delta], lr=h.lr)
+        handle = module.register_forward_hook(add)
+        try:
+            for _ in range(h.steps):
+                hidden = ctx.model.base_model(
+                    input_ids=ids, attention_mask=causal_mask(*ids.shape, dev), use_cache=False
+                ).last_hidden_state
+                logits = ctx.arch.lm_head(hidden[rows, cols]).float()  # [N, V]
+                if bool((logits.argmax(-1) == tgt).all()):
+                    break
+                loss = F.cross_entropy(logits, tgt)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    delta.clamp_(-h.norm_constraint, h.norm_constraint)
+        finally:
+            handle.remove()
+    name = ctx.arch.down_proj_name(h.layer)
+    return ParamDelta(dense={name: delta.detach().cpu()})

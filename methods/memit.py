@@ -1,0 +1,257 @@
+"""MEMIT (Meng et al. 2023): a batch of facts spread over several MLP layers.
+
+1. Targets. For each request, δ_i is optimised at the output of the *last* edited layer L (at the
+   subject's last token, in the chat contexts; `methods.values`): z_i = h_L(i) + δ_i is the
+   residual stream that makes the model answer the new target.
+2. Spreading. For each edited layer l, lowest first, with the updates of the layers below in
+   place: K_l [n, d_in] the requests' keys at l (averaged over contexts), R = (z − h_L) / (layers
+   left) the part of the remaining residual this layer takes, and ΔW_l = Rᵀ (λC_l + KᵀK)⁻¹K
+   (least squares that keeps W_l k ≈ W_l k for the keys of ordinary text, weighted by their
+   second moment C_l = E[kkᵀ], `methods.stats`).
+
+Each ΔW_l has rank ≤ n and is returned as low-rank factors; the keys are returned too, so that
+AlphaEdit can protect them later. AlphaEdit (`methods.alphaedit`) reuses steps 1 and 2 with
+another per-layer solve.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from methods.base import EditContext, EditRequest, ParamDelta
+from methods.common import (
+    ESSENCE_QUESTIONS,
+    ChatSequence,
+    added_low_rank,
+    causal_mask,
+    chat_sequence,
+    context_questions,
+    first_input,
+    low_rank_in_layout,
+    padded,
+    target_ids,
+)
+from methods.hparams import load_hparams
+from methods.values import SuffixReplay, ValueGroup, ValueSettings, optimise_values
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetHyperParams:
+    """What MEMIT and AlphaEdit share: the edited layers and the target optimisation."""
+
+    layers: tuple[int, ...] | None = None  # null: five layers around num_layers // 6
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.0
+    clamp_norm_factor: float = 4.0
+    n_contexts: int = 2  # the bare prompt + n-1 prefixed ones
+    n_essence: int = 1  # essence questions per request (common.ESSENCE_QUESTIONS)
+    stop_margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemitHyperParams(TargetHyperParams):
+    mom2_update_weight: float = 15000.0  # λ: how much ordinary keys weigh against the edits
+
+
+def check_common(h: TargetHyperParams, num_layers: int) -> list[str]:
+    """Problems with the hyperparameters MEMIT and AlphaEdit share."""
+    problems = []
+    layers = h.layers or ()
+    if any(not 0 <= layer < num_layers for layer in layers):
+        problems.append(f"layers must be in 0..{num_layers - 1}, not {list(layers)}")
+    if len(set(layers)) != len(layers):
+        problems.append(f"layers must not repeat, not {list(layers)}")
+    if h.steps < 1:
+        problems.append(f"steps must be at least 1, not {h.steps}")
+    if not 1 <= h.n_contexts <= 10:
+        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
+    if not 0 <= h.n_essence <= len(ESSENCE_QUESTIONS):
+        problems.append(f"n_essence must be in 0..{len(ESSENCE_QUESTIONS)}, not {h.n_essence}")
+    for name in ("lr", "clamp_norm_factor"):
+        if not getattr(h, name) > 0:
+            problems.append(f"{name} must be positive, not {getattr(h, name)}")
+    for name in ("kl_factor", "weight_decay", "stop_margin"):
+        if not getattr(h, name) >= 0:
+            problems.append(f"{name} must not be negative, not {getattr(h, name)}")
+    return problems
+
+
+def load_memit_hparams(
+    model_type: str, num_layers: int, overrides: dict | None = None
+) -> MemitHyperParams:
+    hparams = load_hparams(MemitHyperParams, "memit", model_type, num_layers, overrides)
+    problems = check_common(hparams, num_layers)
+    if not hparams.mom2_update_weight >= 0:
+        problems.append(
+            f"mom2_update_weight must not be negative, not {hparams.mom2_update_weight}"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+    return hparams
+
+
+# -- step 1: targets ----------------------------------------------------------------------------
+
+
+@dataclass
+class Targets:
+    seqs: list[ChatSequence]  # every request's rewrite rows, then essence rows
+    groups: list[ValueGroup]  # one per request
+    z: torch.Tensor  # [n, d] the residual after the last layer that gives the new answers
+
+
+def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> Targets:
+    last = max(h.layers or ())
+    seqs: list[ChatSequence] = []
+    groups: list[ValueGroup] = []
+    for request in requests:  # ValueError on a subject missing from its prompt
+        answer = target_ids(ctx.tokenizer, request.target_new)
+        rewrites = [
+            chat_sequence(ctx, q, request.subject, answer)
+            for q in context_questions(request.prompt, h.n_contexts)
+        ]
+        essence = [
+            chat_sequence(ctx, q.format(request.subject), request.subject)
+            for q in ESSENCE_QUESTIONS[: h.n_essence]
+        ]
+        first = len(seqs)
+        seqs += [*rewrites, *essence]
+        groups.append(
+            ValueGroup(
+                rewrite_rows=tuple(range(first, first + len(rewrites))),
+                essence_rows=tuple(range(first + len(rewrites), len(seqs))),
+                answer=tuple(answer),
+            )
+        )
+    replay = SuffixReplay(ctx, last, ctx.arch.down_proj(last), seqs)
+    settings = ValueSettings(
+        steps=h.steps,
+        lr=h.lr,
+        kl_factor=h.kl_factor,
+        weight_decay=h.weight_decay,
+        clamp_norm_factor=h.clamp_norm_factor,
+        stop_margin=h.stop_margin,
+    )
+    values = optimise_values(ctx, replay, groups, settings)
+    reached = sum(v.reached for v in values)
+    log.info(
+        "targets: %d of %d reached; steps up to %d",
+        reached,
+        len(values),
+        max(v.steps for v in values),
+    )
+    # δ was added to down_proj(L)'s output, i.e. to the residual stream after block L.
+    _, h_last = probe(ctx, [seqs[g.rewrite_rows[0]] for g in groups], (), last)
+    z = h_last + torch.stack([v.delta for v in values]).to(h_last)
+    return Targets(seqs=seqs, groups=groups, z=z)
+
+
+# -- step 2: spreading over the layers ----------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def probe(
+    ctx: EditContext, seqs: list[ChatSequence], layers: tuple[int, ...], last: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """At each sequence's subject: the keys of down_proj(l) for l in `layers` ({l: [B, d_in]})
+    and the residual stream after block `last` ([B, d]); the forward stops there."""
+    ids, _ = padded([s.ids for s in seqs], pad=ctx.tokenizer.pad_token_id or 0)
+    ids = ids.to(ctx.device)
+    rows = torch.arange(len(seqs), device=ctx.device)
+    at = torch.tensor([s.subject_pos for s in seqs], device=ctx.device)
+    keys: dict[int, torch.Tensor] = {}
+    out: list[torch.Tensor] = []
+
+    def key_hook(layer: int) -> Callable:
+        def grab(_: nn.Module, inputs: tuple) -> None:
+            keys[layer] = first_input(inputs)[rows, at].float()
+
+        return grab
+
+    def grab_residual(_: nn.Module, __: tuple, output: torch.Tensor | tuple) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        out.append(hidden[rows, at].float())
+        raise _Stop
+
+    handles = [ctx.arch.down_proj(i).register_forward_pre_hook(key_hook(i)) for i in layers]
+    handles.append(ctx.arch.layers[last].register_forward_hook(grab_residual))
+    try:
+        with torch.no_grad():
+            ctx.model.base_model(
+                input_ids=ids, attention_mask=causal_mask(*ids.shape, ctx.device), use_cache=False
+            )
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return keys, out[0]
+
+
+# (layer, K [n, d_in], parameter name) -> right factor [n, d_in] of ΔW = Rᵀ · right
+LayerSolve = Callable[[int, torch.Tensor, str], torch.Tensor]
+
+
+def spread(
+    ctx: EditContext, targets: Targets, layers: tuple[int, ...], solve: LayerSolve
+) -> ParamDelta:
+    """ΔW for each layer (lowest first), each computed with the ones below it in place."""
+    layers = tuple(sorted(layers))
+    last = layers[-1]
+    groups = targets.groups
+    bare = [targets.seqs[g.rewrite_rows[0]] for g in groups]
+    rewrite_seqs = [targets.seqs[r] for g in groups for r in g.rewrite_rows]
+    owner = torch.tensor(
+        [i for i, g in enumerate(groups) for _ in g.rewrite_rows], device=ctx.device
+    )
+    delta = ParamDelta()
+    for i, layer in enumerate(layers):
+        name = ctx.arch.down_proj_name(layer)
+        with added_low_rank(ctx, delta.low_rank):
+            keys, _ = probe(ctx, rewrite_seqs, (layer,), layer)
+            _, h_last = probe(ctx, bare, (), last)
+        k = _mean_by(keys[layer], owner, len(groups))  # [n, d_in], averaged over contexts
+        resid = (targets.z - h_last) / (len(layers) - i)  # [n, d]
+        right = solve(layer, k.double(), name).float()  # [n, d_in]
+        delta.low_rank[name] = low_rank_in_layout(ctx, resid.T.cpu(), right.cpu())
+        delta.keys[name] = k.cpu()
+        log.debug("layer %d: |resid| %.3f", layer, float(resid.norm(dim=1).mean()))
+    return delta
+
+
+def _mean_by(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    total = torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, owner, x)
+    count = torch.bincount(owner, minlength=n).to(x.dtype)
+    return total / count[:, None]
+
+
+# -- MEMIT ----------------------------------------------------------------------------------------
+
+
+def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> ParamDelta:
+    if not requests:
+        raise ValueError("a MEMIT edit needs at least one request")
+    if ctx.second_moments is None:
+        raise ValueError("MEMIT needs second-moment statistics, and none are available")
+    layers = tuple(h.layers or ())
+    targets = compute_targets(ctx, requests, h)
+    moments = ctx.second_moments(layers)
+
+    def solve(layer: int, k: torch.Tensor, _: str) -> torch.Tensor:
+        c = moments[layer].to(k)
+        a = h.mom2_update_weight * c + k.T @ k  # [d_in, d_in]
+        return torch.linalg.solve(a, k.T).T  # [n, d_in]
+
+    return spread(ctx, targets, layers, solve)
