@@ -126,7 +126,7 @@ def _sample(
             logits = (
                 ctx.model(
                     input_ids=ids,
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                     position_ids=torch.full((batch, 1), step, device=ctx.device),
                 )

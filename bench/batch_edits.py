@@ -1,0 +1,255 @@
+"""Batch-edit benchmark (MEMIT, AlphaEdit, FT-M) through the live API. Writes JSON.
+
+1. Statistics: the time to compute E[kkᵀ] of every edited layer, from text the model samples
+   and (when ../shared/data is there) from Wikipedia text; in-process, into a fresh cache that
+   the server then reads.
+2. Batches: for each method, one edit of the first 1, 10 and 100 ZsRE records (checks off, so
+   the time is the method's), then for the 100-record batch, through the public API: the greedy
+   chat answers to every prompt and paraphrase (success: the answer contains the target), the
+   teacher-forced token accuracy of the targets (/v1/completions echo + logprobs), and locality
+   on 40 unrelated questions (10 general, 30 other ZsRE prompts): the share whose 16-token
+   greedy answer is unchanged, and the teacher-forced agreement with the unedited answers'
+   tokens. Each edit is undone before the next.
+3. Sequential: `--sequential N` edits in batches of `--seq-batch` kept on one live model, with
+   efficacy on all edits so far and locality after each batch.
+
+    python bench/batch_edits.py --start                       # everything, self-sampled stats
+    python bench/batch_edits.py --start --stats-source wiki   # the server uses Wikipedia stats
+    python bench/batch_edits.py --start --methods alphaedit --batches 100 --sequential 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edits import DATA, UNRELATED, Api, chat_template_for, load_records
+from harness import ServerProcess, machine_info
+
+WIKI = DATA.parents[2] / "corpus_wikitext" / "wiki.valid.dev.raw"
+LOCALITY_TOKENS = 16
+ANSWER_TOKENS = 24
+
+
+def compute_stats(cache_root: Path, sources: dict[str, str | None], tokens: int) -> dict:
+    """Seconds to compute every edited layer's statistics from each source (fresh cache)."""
+    from editserve.architectures import resolve
+    from editserve.edits.journal import fingerprint
+    from editserve.modelstore import load_model
+    from methods.alphaedit import load_alphaedit_hparams
+    from methods.base import EditContext
+    from methods.memit import load_memit_hparams
+    from methods.stats import StatsCache, StatsSource
+
+    cache_dir = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
+    loaded = load_model(None, cache_dir)
+    config = loaded.model.config
+    layers = sorted(
+        set(load_memit_hparams(config.model_type, config.num_hidden_layers).layers or ())
+        | set(load_alphaedit_hparams(config.model_type, config.num_hidden_layers).layers or ())
+    )
+    ctx = EditContext(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        arch=resolve(loaded.model),
+        chat_prompt=lambda q: [],
+        model_fingerprint=fingerprint(loaded.model),
+    )
+    cache = StatsCache(cache_root)
+    out = {"layers": layers, "tokens": tokens}
+    for name, corpus in sources.items():
+        started = time.perf_counter()
+        cache.get(ctx, StatsSource(corpus=corpus, n_tokens=tokens), layers)
+        out[f"{name}_s"] = round(time.perf_counter() - started, 1)
+        print(f"statistics from {name}: {out[f'{name}_s']} s for layers {layers}")
+    return out
+
+
+class Scorer:
+    """Success and locality of edits through the public API."""
+
+    def __init__(self, api: Api, chat_template: Any, probes: list[str]) -> None:
+        self.api, self.chat_template, self.probes = api, chat_template, probes
+        self.before: list[str] = []
+
+    async def baseline(self) -> None:
+        self.before = await self.api.answers(self.probes, LOCALITY_TOKENS)
+
+    async def score(self, records: list[dict], paraphrase: bool = True) -> dict[str, float]:
+        api = self.api
+        prompts = [r["prompt"] for r in records]
+        answers = await api.answers(prompts, ANSWER_TOKENS)
+        result = {"success": _hits(records, answers)}
+        if paraphrase:
+            rephrased = await api.answers([r["rephrase_prompt"] for r in records], ANSWER_TOKENS)
+            result["paraphrase"] = _hits(records, rephrased)
+        accuracy = await asyncio.gather(
+            *(
+                api.target_accuracy(self.chat_template(r["prompt"]), " " + r["target_new"].strip())
+                for r in records
+            )
+        )
+        result["teacher_forced"] = sum(accuracy) / len(accuracy)
+        after = await api.answers(self.probes, LOCALITY_TOKENS)
+        result["locality"] = sum(a == b for a, b in zip(self.before, after, strict=True)) / len(
+            self.probes
+        )
+        agreement = await asyncio.gather(
+            *(
+                api.target_accuracy(self.chat_template(q), answer)
+                for q, answer in zip(self.probes, self.before, strict=True)
+            )
+        )
+        result["locality_teacher_forced"] = sum(agreement) / len(agreement)
+        return {k: round(v, 4) for k, v in result.items()}
+
+
+def _hits(records: list[dict], answers: list[str]) -> float:
+    found = [
+        r["target_new"].strip().lower() in a.lower() for r, a in zip(records, answers, strict=True)
+    ]
+    return sum(found) / len(found)
+
+
+def _requests(records: list[dict]) -> list[dict]:
+    return [
+        {"prompt": r["prompt"], "subject": r["subject"], "target_new": r["target_new"]}
+        for r in records
+    ]
+
+
+async def post_edit(api: Api, method: str, records: list[dict]) -> tuple[dict, float]:
+    started = time.perf_counter()
+    r = await api.client.post(
+        "/edits", json={"method": method, "checks": False, "requests": _requests(records)}
+    )
+    elapsed = time.perf_counter() - started
+    if r.status_code != 200:
+        raise RuntimeError(f"{method} edit of {len(records)} refused: {r.text[:300]}")
+    return r.json(), elapsed
+
+
+async def run_batches(
+    scorer: Scorer, methods: list[str], sizes: list[int], records: list[dict]
+) -> dict:
+    out: dict[str, Any] = {}
+    for method in methods:
+        out[method] = {}
+        for size in sizes:
+            edit, elapsed = await post_edit(scorer.api, method, records[:size])
+            row: dict[str, Any] = {
+                "wall_s": round(elapsed, 2),
+                "compute_s": round(edit["timings"]["compute_s"], 2),
+                "apply_s": round(edit["timings"]["apply_s"], 4),
+            }
+            if size == max(sizes):
+                row.update(await scorer.score(records[:size]))
+            undo = (await scorer.api.client.delete(f"/edits/{edit['id']}")).json()
+            row["undo_ms"] = round(undo["timings"]["undo_s"] * 1000, 2)
+            out[method][str(size)] = row
+            print(f"{method} batch {size}: {row}")
+    return out
+
+
+async def run_sequential(
+    scorer: Scorer, method: str, records: list[dict], batch: int
+) -> list[dict]:
+    curve, ids = [], []
+    for start in range(0, len(records), batch):
+        edit, elapsed = await post_edit(scorer.api, method, records[start : start + batch])
+        ids.append(edit["id"])
+        done = records[: start + batch]
+        point = {"edits": len(done), "compute_s": round(edit["timings"]["compute_s"], 2)}
+        point.update(await scorer.score(done, paraphrase=False))
+        point["latest_batch_success"] = (await scorer.score(done[start:], paraphrase=False))[
+            "success"
+        ]
+        curve.append(point)
+        print(f"{method} sequential: {point}")
+    for edit_id in ids:  # leave the model as it was
+        await scorer.api.client.delete(f"/edits/{edit_id}")
+    return curve
+
+
+async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
+    api = Api(url, args.admin_key)
+    await api.start()
+    probes = UNRELATED + [r["prompt"] for r in load_records(630, args.data)[600:630]]
+    scorer = Scorer(api, chat_template_for(None), probes)
+    await scorer.baseline()
+    result: dict[str, Any] = {}
+    sizes = [int(s) for s in args.batches.split(",") if s]
+    if sizes:
+        result["batches"] = await run_batches(
+            scorer, args.methods.split(","), sizes, records[: max(sizes)]
+        )
+    if args.sequential:
+        result["sequential"] = {
+            method: await run_sequential(scorer, method, records[: args.sequential], args.seq_batch)
+            for method in args.seq_methods.split(",")
+        }
+    await api.client.aclose()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--server", default="http://127.0.0.1:8000")
+    where.add_argument("--start", action="store_true", help="start a server (fresh journal)")
+    parser.add_argument("--admin-key")
+    parser.add_argument("--methods", default="memit,alphaedit,ft")
+    parser.add_argument("--batches", default="1,10,100", help="batch sizes ('' for none)")
+    parser.add_argument("--sequential", type=int, default=0, help="edits kept in sequence")
+    parser.add_argument("--seq-batch", type=int, default=50)
+    parser.add_argument("--seq-methods", default="alphaedit,memit")
+    parser.add_argument("--stats-source", choices=["self", "wiki"], default="self")
+    parser.add_argument("--stats-tokens", type=int, default=20_000)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "batch_edits.json"
+    )
+    args = parser.parse_args()
+    n = max([int(s) for s in args.batches.split(",") if s] + [args.sequential])
+    records = load_records(n, args.data)
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "args": vars(args) | {"data": str(args.data)},
+    }
+    server, url = None, args.server
+    if args.start:
+        # Statistics first, timed on a fresh cache; the server then finds them there.
+        sources = {"self": None, **({"wiki": str(WIKI)} if WIKI.is_file() else {})}
+        fresh = Path(tempfile.mkdtemp(prefix="editserve-bench-stats-"))
+        report["statistics"] = compute_stats(fresh, sources, args.stats_tokens)
+        cache_dir = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
+        shutil.copytree(fresh, cache_dir / "stats", dirs_exist_ok=True)
+        env = {
+            "EDITSERVE_STATE_DIR": tempfile.mkdtemp(prefix="editserve-bench-state-"),
+            "EDITSERVE_STATS_TOKENS": str(args.stats_tokens),
+        }
+        if args.stats_source == "wiki":
+            env["EDITSERVE_STATS_CORPUS"] = str(WIKI)
+        server = ServerProcess(None, None, env=env)
+        server.wait_ready()
+        url = server.url
+    try:
+        report.update(asyncio.run(run(args, url, records)))
+    finally:
+        if server is not None:
+            server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
