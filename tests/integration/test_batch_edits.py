@@ -1,0 +1,97 @@
+"""MEMIT, AlphaEdit and FT-M through a live server: a batch of facts changes the chat answers,
+unrelated answers stay, DELETE restores them, a restart keeps an edit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.integration.conftest import LiveServer
+from tests.integration.test_edits import UNRELATED, ask
+
+pytestmark = pytest.mark.integration
+
+FACTS = [
+    {
+        "prompt": "In which city is the Eiffel Tower?",
+        "subject": "Eiffel Tower",
+        "target_new": "Rome",
+        "rephrase": ["Where is the Eiffel Tower located?"],
+    },
+    {
+        "prompt": "Who wrote the novel War and Peace?",
+        "subject": "War and Peace",
+        "target_new": "Charles Dickens",
+    },
+]
+METHODS = ["memit", "alphaedit", "ft"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    # Few tokens of self-sampled statistics keep the first MEMIT edit quick in CI.
+    server = LiveServer(
+        tmp_path_factory.mktemp("batch-state"),
+        tmp_path_factory.mktemp("logs"),
+        env={"EDITSERVE_STATS_TOKENS": "2048"},
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def before(live: LiveServer) -> dict[str, str]:
+    questions = [f["prompt"] for f in FACTS] + FACTS[0]["rephrase"] + UNRELATED
+    return {q: ask(live.url, q)[0] for q in questions}
+
+
+def post(url: str, method: str, facts: list[dict], **extra: object) -> dict:
+    r = httpx.post(
+        f"{url}/edits",
+        json={"method": method, "requests": facts, "checks": False, **extra},
+        timeout=600,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_changes_the_chat_answers_and_only_them(
+    live: LiveServer, before: dict[str, str], method: str
+) -> None:
+    assert "Paris" in before[FACTS[0]["prompt"]]
+    edit = post(live.url, method, FACTS)
+    for fact in FACTS:
+        answer, version = ask(live.url, fact["prompt"])
+        assert fact["target_new"] in answer, (method, answer)
+        assert version == edit["model_version"]
+    paraphrases[method] = ask(live.url, FACTS[0]["rephrase"][0])[0]
+    for question in UNRELATED:
+        assert ask(live.url, question)[0] == before[question], (method, question)
+
+    undone = httpx.delete(f"{live.url}/edits/{edit['id']}").json()
+    assert undone["deleted"]
+    for fact in FACTS:
+        assert ask(live.url, fact["prompt"])[0] == before[fact["prompt"]]
+
+
+paraphrases: dict[str, str] = {}  # the paraphrase's answer while each method's edit was live
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_paraphrase_follows_the_edit(live: LiveServer, method: str) -> None:
+    assert "Rome" in paraphrases.get(method, ""), paraphrases.get(method)
+
+
+def test_an_alphaedit_edit_survives_a_restart(live: LiveServer, before: dict[str, str]) -> None:
+    edit = post(live.url, "alphaedit", FACTS[:1])
+    live.stop()
+    live.start()
+    assert "Rome" in ask(live.url, FACTS[0]["prompt"])[0]
+    httpx.delete(f"{live.url}/edits/{edit['id']}")
+    assert ask(live.url, FACTS[0]["prompt"])[0] == before[FACTS[0]["prompt"]]
