@@ -82,14 +82,19 @@ class Scorer:
     async def baseline(self) -> None:
         self.before = await self.api.answers(self.probes, LOCALITY_TOKENS)
 
-    async def score(self, records: list[dict], paraphrase: bool = True) -> dict[str, float]:
+    async def score(
+        self, records: list[dict], paraphrase: bool = True, latest: int = 0
+    ) -> dict[str, float]:
         api = self.api
         prompts = [r["prompt"] for r in records]
         answers = await api.answers(prompts, ANSWER_TOKENS)
-        result = {"success": _hits(records, answers)}
+        hits = _hits(records, answers)
+        result = {"success": sum(hits) / len(hits)}
+        if len(records) > latest > 0:  # the newest `latest` records on their own
+            result["latest_success"] = sum(hits[-latest:]) / latest
         if paraphrase:
             rephrased = await api.answers([r["rephrase_prompt"] for r in records], ANSWER_TOKENS)
-            result["paraphrase"] = _hits(records, rephrased)
+            result["paraphrase"] = sum(_hits(records, rephrased)) / len(records)
         accuracy = await asyncio.gather(
             *(
                 api.target_accuracy(self.chat_template(r["prompt"]), " " + r["target_new"].strip())
@@ -111,11 +116,10 @@ class Scorer:
         return {k: round(v, 4) for k, v in result.items()}
 
 
-def _hits(records: list[dict], answers: list[str]) -> float:
-    found = [
+def _hits(records: list[dict], answers: list[str]) -> list[bool]:
+    return [
         r["target_new"].strip().lower() in a.lower() for r, a in zip(records, answers, strict=True)
     ]
-    return sum(found) / len(found)
 
 
 def _requests(records: list[dict]) -> list[dict]:
@@ -167,10 +171,7 @@ async def run_sequential(
         ids.append(edit["id"])
         done = records[: start + batch]
         point = {"edits": len(done), "compute_s": round(edit["timings"]["compute_s"], 2)}
-        point.update(await scorer.score(done, paraphrase=False))
-        point["latest_batch_success"] = (await scorer.score(done[start:], paraphrase=False))[
-            "success"
-        ]
+        point.update(await scorer.score(done, paraphrase=False, latest=len(done) - start))
         curve.append(point)
         print(f"{method} sequential: {point}")
     for edit_id in ids:  # leave the model as it was
@@ -184,7 +185,10 @@ async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
     probes = UNRELATED + [r["prompt"] for r in load_records(630, args.data)[600:630]]
     scorer = Scorer(api, chat_template_for(None), probes)
     await scorer.baseline()
-    result: dict[str, Any] = {}
+    # The unedited model asked again: how often answers differ without any edit (batching noise)
+    again = await api.answers(probes, LOCALITY_TOKENS)
+    same = sum(a == b for a, b in zip(scorer.before, again, strict=True)) / len(probes)
+    result: dict[str, Any] = {"locality_unedited_repeat": same}
     sizes = [int(s) for s in args.batches.split(",") if s]
     if sizes:
         result["batches"] = await run_batches(
