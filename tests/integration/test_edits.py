@@ -80,11 +80,6 @@ def test_rome_edit_changes_the_chat_answer_and_only_it(live: LiveServer) -> None
 rephrased: dict[str, str] = {}  # the paraphrase's answer while the edit above was live
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: ROME with the current hparams does not yet "
-    "carry this edit to the paraphrase in chat (see the issue notes)",
-)
 def test_the_paraphrase_follows_the_edit(live: LiveServer) -> None:
     assert "Rome" in rephrased.get(live.url, "")
 
