@@ -40,28 +40,14 @@ ANSWER_TOKENS = 24
 
 def compute_stats(cache_root: Path, sources: dict[str, str | None], tokens: int) -> dict:
     """Seconds to compute every edited layer's statistics from each source (fresh cache)."""
-    from editserve.architectures import resolve
-    from editserve.edits.journal import fingerprint
+    from editserve.cli import stats_context, stats_layers
     from editserve.modelstore import load_model
-    from methods.alphaedit import load_alphaedit_hparams
-    from methods.base import EditContext
-    from methods.memit import load_memit_hparams
     from methods.stats import StatsCache, StatsSource
 
     cache_dir = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
     loaded = load_model(None, cache_dir)
-    config = loaded.model.config
-    layers = sorted(
-        set(load_memit_hparams(config.model_type, config.num_hidden_layers).layers or ())
-        | set(load_alphaedit_hparams(config.model_type, config.num_hidden_layers).layers or ())
-    )
-    ctx = EditContext(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        arch=resolve(loaded.model),
-        chat_prompt=lambda q: [],
-        model_fingerprint=fingerprint(loaded.model),
-    )
+    layers = stats_layers(loaded.model.config)
+    ctx = stats_context(loaded)
     cache = StatsCache(cache_root)
     out = {"layers": layers, "tokens": tokens}
     for name, corpus in sources.items():

@@ -84,41 +84,52 @@ def _stats_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=stats)
 
 
-def stats(args: argparse.Namespace) -> int:
-    """Computes (or finds cached) the statistics the server would compute on first use."""
-    import time
+def stats_layers(config) -> list[int]:  # noqa: ANN001 (a transformers config)
+    """The layers MEMIT and AlphaEdit edit on this model by default."""
+    from methods.alphaedit import load_alphaedit_hparams
+    from methods.memit import load_memit_hparams
 
+    found: set[int] = set()
+    for load in (load_memit_hparams, load_alphaedit_hparams):
+        found |= set(load(config.model_type, config.num_hidden_layers).layers or ())
+    return sorted(found)
+
+
+def stats_context(loaded):  # noqa: ANN001, ANN201 (LoadedModel -> EditContext; lazy imports)
+    """What computing statistics needs of a loaded model (no chat prompts, no edits)."""
     from editserve.architectures import resolve
     from editserve.edits.journal import fingerprint
-    from editserve.modelstore import load_model
-    from methods.alphaedit import load_alphaedit_hparams
     from methods.base import EditContext
-    from methods.memit import load_memit_hparams
-    from methods.stats import StatsCache, StatsSource
 
-    settings = Settings.load(
-        args.config, model=args.model, stats_corpus=args.corpus, stats_tokens=args.tokens
-    )
-    loaded = load_model(settings.model, settings.cache_dir, settings.dtype, "cpu")
-    config = loaded.model.config
-    if args.layers:
-        layers = sorted({int(x) for x in args.layers.split(",")})
-    else:
-        found = set()
-        for load in (load_memit_hparams, load_alphaedit_hparams):
-            found |= set(load(config.model_type, config.num_hidden_layers).layers or ())
-        layers = sorted(found)
-    source = StatsSource(
-        corpus=str(settings.stats_corpus) if settings.stats_corpus else None,
-        n_tokens=settings.stats_tokens,
-    )
-    ctx = EditContext(
+    return EditContext(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         arch=resolve(loaded.model),
         chat_prompt=lambda q: [],
         model_fingerprint=fingerprint(loaded.model),
     )
+
+
+def stats(args: argparse.Namespace) -> int:
+    """Computes (or finds cached) the statistics the server would compute on first use."""
+    import time
+
+    from editserve.modelstore import load_model
+    from methods.stats import StatsCache, StatsSource
+
+    settings = Settings.load(
+        args.config, model=args.model, stats_corpus=args.corpus, stats_tokens=args.tokens
+    )
+    loaded = load_model(settings.model, settings.cache_dir, settings.dtype, "cpu")
+    if args.layers:
+        layers = sorted({int(x) for x in args.layers.split(",")})
+    else:
+        layers = stats_layers(loaded.model.config)
+    source = StatsSource(
+        corpus=str(settings.stats_corpus) if settings.stats_corpus else None,
+        n_tokens=settings.stats_tokens,
+    )
+    ctx = stats_context(loaded)
     cache = StatsCache(settings.cache_dir / "stats")
     started = time.monotonic()
     cache.get(ctx, source, layers)
