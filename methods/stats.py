@@ -144,20 +144,32 @@ class _Accumulator:
     def __init__(self, ctx: EditContext, layers: Sequence[int], stop: bool) -> None:
         self.ctx, self.layers, self.stop = ctx, sorted(set(layers)), stop
         self.sums: dict[int, torch.Tensor] = {}
+        self.pending: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         self.count = 0
         self.handles: list = []
+
+    # Keys are buffered and multiplied in float32 blocks of this many rows, the sums kept in
+    # float64: one small float64 product per decoding step would cost more than the model.
+    BLOCK = 4096
 
     def _hook(self, layer: int):  # noqa: ANN202 (a torch hook)
         def grab(_: nn.Module, inputs: tuple) -> None:
             x = first_input(inputs)
-            k = x.reshape(-1, x.shape[-1]).double()
-            self.sums[layer] = self.sums.get(layer, 0) + k.T @ k
+            self.pending[layer].append(x.reshape(-1, x.shape[-1]).float())
             if layer == self.layers[0]:
-                self.count += k.shape[0]
+                self.count += self.pending[layer][-1].shape[0]
+            if sum(k.shape[0] for k in self.pending[layer]) >= self.BLOCK:
+                self._flush(layer)
             if self.stop and layer == self.layers[-1]:
                 raise _Stop
 
         return grab
+
+    def _flush(self, layer: int) -> None:
+        if self.pending[layer]:
+            k = torch.cat(self.pending[layer])
+            self.sums[layer] = self.sums.get(layer, 0) + (k.T @ k).double()
+            self.pending[layer] = []
 
     def __enter__(self) -> _Accumulator:
         arch = self.ctx.arch
@@ -171,6 +183,8 @@ class _Accumulator:
             handle.remove()
 
     def moments(self) -> dict[int, torch.Tensor]:
+        for layer in self.layers:
+            self._flush(layer)
         return {layer: (self.sums[layer] / self.count).float().cpu() for layer in self.layers}
 
 
