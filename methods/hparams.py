@@ -46,7 +46,7 @@ def defaults_for(method: str, model_type: str, num_layers: int) -> dict[str, Any
         if model_type in match.get("model_types", []) and match.get("num_layers") == num_layers:
             merged.update(data.get("hparams", {}))
             break
-    if merged.get("layer") is None:
+    if "layer" in merged and merged["layer"] is None:  # methods without a layer have no key
         merged["layer"] = max(0, num_layers // 6)
     return merged
 
