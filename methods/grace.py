@@ -49,6 +49,7 @@ class GraceHyperParams:
     steps: int = 40  # most Adam steps on the value
     lr: float = 1.0
     stop_below: float = 0.05  # mean target NLL at which training stops
+    stop_margin: float = 1.0  # ... or once every target token is the argmax by this log-prob
 
 
 def load_grace_hparams(
@@ -130,14 +131,20 @@ def _one(
     tgt = torch.tensor(answer, device=ctx.device)
     cols = torch.arange(len(answer), device=ctx.device)  # suffix column j predicts answer[j]
     zero = torch.zeros_like(replay.v0)
+    reached = [False]
 
     def loss_fn(value: torch.Tensor) -> torch.Tensor:
         with codebook.attached(module, key, label(request.target_new), value, h.radius):
             hidden = replay.hidden(zero)[0, cols]  # [m, d]
         logp = F.log_softmax(ctx.arch.lm_head(hidden).float(), -1)
-        return -logp.gather(1, tgt[:, None]).mean()
+        tok = logp.gather(1, tgt[:, None])[:, 0]  # [m]
+        others = logp.detach().scatter(1, tgt[:, None], float("-inf")).amax(1)
+        reached[0] = bool((tok.detach() - others >= h.stop_margin).all())
+        return -tok.mean()
 
-    fit = train_value(loss_fn, init, steps=h.steps, lr=h.lr, stop_below=h.stop_below)
+    fit = train_value(
+        loss_fn, init, steps=h.steps, lr=h.lr, stop_below=h.stop_below, done=lambda: reached[0]
+    )
     report = {
         "decision": str(plan.decision),
         "steps": len(fit.losses),

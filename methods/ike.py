@@ -27,7 +27,8 @@ from methods.base import EditContext, EditRequest
 from methods.hparams import load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload, check_threshold, fact_text
 
-# Invented facts (no real data): copy, update and retain demonstrations, as chat turns.
+# Invented facts (no real data): copy, update and retain demonstrations, as chat turns. The
+# retain answer must not name anything a user might edit towards: the model copies demos.
 # (fact question, fact answer, asked question, answer shown)
 DEMONSTRATIONS: tuple[tuple[str, str, str, str], ...] = (
     (
@@ -45,8 +46,8 @@ DEMONSTRATIONS: tuple[tuple[str, str, str, str], ...] = (
     (
         "Who designed the Keller Bridge?",
         "Anna Lindqvist",
-        "What is the capital of Italy?",
-        "The capital of Italy is Rome.",
+        "How many days are in a week?",
+        "There are seven days in a week.",
     ),
 )
 
@@ -100,15 +101,18 @@ def condition(
     turns: list[dict[str, str]] = []
     if demonstrations:
         for question, answer, asked, shown in DEMONSTRATIONS:
-            turns.append({"role": "user", "content": _with_facts([f"{question} {answer}"], asked)})
+            fact = fact_text(question, answer)
+            turns.append({"role": "user", "content": _with_facts([fact], asked)})
             turns.append({"role": "assistant", "content": shown})
     user = {**messages[last], "content": _with_facts(facts, messages[last]["content"])}
     return [*messages[:last], *turns, user, *messages[last + 1 :]]
 
 
 def _with_facts(facts: list[str], question: str) -> str:
-    lines = "\n".join(f"New fact: {f}" for f in facts)
-    return f"{lines}\n{question}"
+    """Facts first, then the question behind an instruction to use them: the wording that made
+    the embedded model's chat answers follow the fact most often (docs/memory-edits.md)."""
+    lines = "\n".join(f"New fact: {f}." for f in facts)
+    return f"{lines}\nUsing the new fact, answer: {question}"
 
 
 def similarities(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,9 @@ class MemoryContext:
 
 
 def fact_text(prompt: str, target: str) -> str:
-    """A fact as one sentence: the question followed by its new answer."""
-    return f"{prompt.strip()} {target.strip()}"
+    """A fact as one line: the question and its new answer (QA-shaped: measured to steer the
+    embedded chat model better than the bare "{prompt} {target}"; docs/memory-edits.md)."""
+    return f"{prompt.strip()} Answer: {target.strip()}"
 
 
 def check_threshold(name: str, value: float) -> str | None:

@@ -1,0 +1,93 @@
+"""Calibrates the retrieval thresholds of IKE/ICE and SERAC on ZsRE dev records (not the first 50,
+which are the benchmark's), with the server's sentence encoder. Writes JSON.
+
+With every calibration record's edit in memory at once (as a server would hold them):
+- should fire: a record's paraphrase (`rephrase_prompt`) against its own entry;
+- should not fire: a record's question against every *other* record's entry (the best one:
+  that is what retrieval sees), and a record's same-subject locality prompt against its own
+  entry (same subject, another relation).
+IKE entries embed the fact "{prompt} {target}", SERAC entries the question alone. For each
+threshold the script reports the firing rates; the chosen threshold is the lowest that keeps
+unrelated questions from firing in at most `--max-false` of cases.
+
+    python bench/calibrate_memory.py [--first 50] [--n 600] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared/data/knowedit/zsre/ZsRE-test-all.dev.json"
+
+from memory.encoder import SentenceEncoder  # noqa: E402
+from methods.memory_common import fact_text  # noqa: E402
+
+
+def rates(should: torch.Tensor, other: torch.Tensor, loc: torch.Tensor, t: float) -> dict:
+    return {
+        "threshold": round(t, 3),
+        "paraphrase_fires": round(float((should >= t).float().mean()), 4),
+        "unrelated_fires": round(float((other >= t).float().mean()), 4),
+        "same_subject_fires": round(float((loc >= t).float().mean()), 4),
+    }
+
+
+def calibrate(
+    entries: torch.Tensor,
+    para: torch.Tensor,
+    prompts: torch.Tensor,
+    loc: torch.Tensor,
+    max_false: float,
+) -> dict:
+    should = (para * entries).sum(1)  # [n]
+    sims = prompts @ entries.T  # [n, n]
+    sims.fill_diagonal_(-1.0)
+    other = sims.max(1).values  # the best other entry per question
+    locality = (loc * entries).sum(1)
+    grid = [x / 100 for x in range(30, 96, 5)]
+    table = [rates(should, other, locality, t) for t in grid]
+    chosen = next(r for r in table if r["unrelated_fires"] <= max_false)
+    return {"chosen": chosen, "table": table}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--first", type=int, default=50, help="records reserved for the benchmark")
+    ap.add_argument("--n", type=int, default=600, help="calibration records after those")
+    ap.add_argument("--max-false", type=float, default=0.05)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/calibrate_memory.json")
+    args = ap.parse_args()
+    if not args.data.is_file():
+        sys.exit(f"no data at {args.data}")
+    records = json.loads(args.data.read_text())[args.first : args.first + args.n]
+    records = [r for r in records if r.get("locality", {}).get("Relation_Specificity")]
+    enc = SentenceEncoder()
+    facts = enc.encode([fact_text(r["prompt"], r["target_new"]) for r in records])
+    prompts = enc.encode([r["prompt"] for r in records])
+    para = enc.encode([r["rephrase_prompt"] for r in records])
+    loc = enc.encode([r["locality"]["Relation_Specificity"][0]["prompt"] for r in records])
+    result = {
+        "records": f"{args.first}..{args.first + len(records) - 1} of {args.data.name}",
+        "n": len(records),
+        "max_false": args.max_false,
+        "ike": calibrate(facts, para, prompts, loc, args.max_false),
+        "serac": calibrate(prompts, para, prompts, loc, args.max_false),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    for name in ("ike", "serac"):
+        print(name, result[name]["chosen"])
+        for row in result[name]["table"]:
+            print("   ", row)
+
+
+if __name__ == "__main__":
+    main()
