@@ -44,16 +44,17 @@ def calibrate(
     para: torch.Tensor,
     prompts: torch.Tensor,
     loc: torch.Tensor,
+    same: torch.Tensor,
     max_false: float,
 ) -> dict:
     should = (para * entries).sum(1)  # [n]
     sims = prompts @ entries.T  # [n, n]
-    sims.fill_diagonal_(-1.0)
+    sims[same] = -1.0  # ZsRE repeats subjects (even questions) across records: not "other"
     other = sims.max(1).values  # the best other entry per question
     locality = (loc * entries).sum(1)
     grid = [x / 100 for x in range(30, 96, 5)]
     table = [rates(should, other, locality, t) for t in grid]
-    chosen = next(r for r in table if r["unrelated_fires"] <= max_false)
+    chosen = next((r for r in table if r["unrelated_fires"] <= max_false), None)
     return {"chosen": chosen, "table": table}
 
 
@@ -74,12 +75,14 @@ def main() -> None:
     prompts = enc.encode([r["prompt"] for r in records])
     para = enc.encode([r["rephrase_prompt"] for r in records])
     loc = enc.encode([r["locality"]["Relation_Specificity"][0]["prompt"] for r in records])
+    subjects = [r["subject"] for r in records]
+    same = torch.tensor([[a == b for b in subjects] for a in subjects])  # [n, n]
     result = {
         "records": f"{args.first}..{args.first + len(records) - 1} of {args.data.name}",
         "n": len(records),
         "max_false": args.max_false,
-        "ike": calibrate(facts, para, prompts, loc, args.max_false),
-        "serac": calibrate(prompts, para, prompts, loc, args.max_false),
+        "ike": calibrate(facts, para, prompts, loc, same, args.max_false),
+        "serac": calibrate(prompts, para, prompts, loc, same, args.max_false),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -54,7 +54,7 @@ DEMONSTRATIONS: tuple[tuple[str, str, str, str], ...] = (
 
 @dataclass(frozen=True)
 class IkeHyperParams:
-    threshold: float = 0.6  # cosine similarity the user message needs to retrieve a fact
+    threshold: float = 0.75  # cosine similarity the user message needs to retrieve a fact
     demonstrations: bool = True  # IKE; False is ICE
 
 

@@ -28,7 +28,7 @@ from methods.memory_common import MemoryContext, MemoryPayload, check_threshold,
 
 @dataclass(frozen=True)
 class SeracHyperParams:
-    threshold: float = 0.7  # cosine similarity to the edit's question that counts as in scope
+    threshold: float = 0.8  # cosine similarity to the edit's question that counts as in scope
 
 
 def load_serac_hparams(model_type: str, num_layers: int, overrides: dict | None = None) -> Any:
