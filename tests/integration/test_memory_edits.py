@@ -57,7 +57,9 @@ def test_memory_edits_change_the_answers_survive_a_restart_and_undo(live: LiveSe
     ids = {}
     for method, fact in FACTS.items():
         r = httpx.post(
-            f"{live.url}/edits", json={"method": method, "requests": [fact]}, timeout=300
+            f"{live.url}/edits",
+            json={"method": method, "requests": [fact]},
+            timeout=300,
         )
         assert r.status_code == 200, r.text
         body = r.json()
