@@ -10,7 +10,12 @@ IKE entries embed the fact "{prompt} {target}", SERAC entries the question alone
 threshold the script reports the firing rates; the chosen threshold is the lowest that keeps
 unrelated questions from firing in at most `--max-false` of cases.
 
-    python bench/calibrate_memory.py [--first 50] [--n 600] [--out FILE]
+With `--grace-layers 16,20,24,27` it also measures, on the embedded model (first
+`--grace-n` calibration records), the distances GRACE's radius must separate: keys (down_proj
+inputs at the chat prompt's last token) of a question vs. its paraphrase, vs. the nearest other
+record's question, vs. the same subject's locality prompt, and vs. everyday questions.
+
+    python bench/calibrate_memory.py [--first 50] [--n 600] [--grace-layers 24] [--out FILE]
 """
 
 from __future__ import annotations
@@ -58,12 +63,86 @@ def calibrate(
     return {"chosen": chosen, "table": table}
 
 
+EVERYDAY = [
+    "What is the capital of Japan?",
+    "Who wrote Romeo and Juliet?",
+    "What is the chemical symbol for gold?",
+    "How are you today?",
+    "Tell me a joke.",
+]
+
+
+def grace_distances(records: list[dict], layers: list[int]) -> dict:
+    import os
+
+    from editserve.modelstore import load_model
+
+    cache = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
+    loaded = load_model(None, cache, "float32", "cpu")
+    model, tok = loaded.model, loaded.tokenizer
+
+    def keys(question: str) -> dict[int, torch.Tensor]:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        got: dict[int, torch.Tensor] = {}
+        hooks = [
+            model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+                lambda _m, inputs, layer=layer: got.__setitem__(layer, inputs[0][0, -1].clone())
+            )
+            for layer in layers
+        ]
+        with torch.no_grad():
+            model(torch.tensor([list(ids)]))
+        for hook in hooks:
+            hook.remove()
+        return got
+
+    asked = [keys(r["prompt"]) for r in records]
+    para = [keys(r["rephrase_prompt"]) for r in records]
+    loc = [keys(r["locality"]["Relation_Specificity"][0]["prompt"]) for r in records]
+    everyday = [keys(q) for q in EVERYDAY]
+    same = torch.tensor([[a["subject"] == b["subject"] for b in records] for a in records])
+
+    def q(t: torch.Tensor) -> list[float]:
+        return [round(float(x), 2) for x in torch.quantile(t, torch.tensor([0.1, 0.5, 0.9]))]
+
+    out = {}
+    for layer in layers:
+        k = torch.stack([a[layer] for a in asked])
+        p = torch.stack([a[layer] for a in para])
+        own = (k - p).norm(dim=1)
+        others = torch.cdist(k, k)
+        others[same] = float("inf")
+        to_other = torch.cdist(p, k)
+        to_other[same] = float("inf")
+        out[layer] = {
+            "key_norm": round(float(k.norm(dim=1).mean()), 2),
+            "paraphrase_p10_50_90": q(own),
+            "nearest_other_p10_50_90": q(others.min(1).values),
+            "same_subject_p10_50_90": q((k - torch.stack([a[layer] for a in loc])).norm(dim=1)),
+            "everyday_p10_50_90": q(
+                torch.cdist(k, torch.stack([a[layer] for a in everyday])).min(1).values
+            ),
+            "paraphrase_nearer_than_any_other": round(
+                float((own < to_other.min(1).values).float().mean()), 3
+            ),
+        }
+        print("grace layer", layer, out[layer], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--first", type=int, default=50, help="records reserved for the benchmark")
     ap.add_argument("--n", type=int, default=600, help="calibration records after those")
     ap.add_argument("--max-false", type=float, default=0.05)
+    ap.add_argument("--grace-layers", default="", help="comma-separated layers (embedded model)")
+    ap.add_argument("--grace-n", type=int, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/calibrate_memory.json")
     args = ap.parse_args()
     if not args.data.is_file():
@@ -84,6 +163,9 @@ def main() -> None:
         "ike": calibrate(facts, para, prompts, loc, same, args.max_false),
         "serac": calibrate(prompts, para, prompts, loc, same, args.max_false),
     }
+    if args.grace_layers:
+        layers = [int(x) for x in args.grace_layers.split(",")]
+        result["grace"] = grace_distances(records[: args.grace_n], layers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for name in ("ike", "serac"):

@@ -94,9 +94,15 @@ class MemoryEdits:
         elif layer != self.codebook_layer:
             raise ValueError(f"the codebook sits at layer {self.codebook_layer}, not {layer}")
         t = payload.tensors
-        for i, entry in enumerate(payload.entries):
-            radius = float(t["radii"][i])
-            self.codebook.add(edit_id, t["keys"][i], label(entry["target"]), t["values"][i], radius)
+        try:
+            for i, entry in enumerate(payload.entries):
+                key, value, radius = t["keys"][i], t["values"][i], float(t["radii"][i])
+                self.codebook.add(edit_id, key, label(entry["target"]), value, radius)
+        except Exception:  # all of the edit or none of it
+            self.codebook.remove(edit_id)
+            if not self.codebook.edit_ids():
+                self._detach()
+            raise
 
     def remove(self, edit_id: str) -> int:
         """Takes the edit's entries out; returns how many stores held any."""

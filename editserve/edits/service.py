@@ -265,6 +265,8 @@ class EditService:
                 _checks(edit, questions, probes, before, after, self.tokenizer) if checks else {}
             )
             summary = {"checks": report, "timings": timings}
+            if isinstance(result, MemoryPayload):
+                summary["memory"] = describe(method, result)
             if not dry_run:
                 self.journal.set_summary(edit_id, summary)
         public = (
@@ -279,7 +281,7 @@ class EditService:
             }
         )
         if isinstance(result, MemoryPayload):
-            return {**public, **summary, "dry_run": dry_run, "memory": describe(method, result)}
+            return {**public, **summary, "dry_run": dry_run}
         return {**public, **summary, "dry_run": dry_run, "delta": _describe(result)}
 
     def _compute(

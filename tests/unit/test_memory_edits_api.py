@@ -122,6 +122,7 @@ def test_a_prompt_memory_edit_conditions_only_related_chats(client: TestClient, 
     body = r.json()
     assert body["status"] == "applied" and body["model_version"] == 1
     assert body["memory"] == {"store": "serac" if method == "serac" else "ike", "entries": 1}
+    assert client.get(f"/edits/{body['id']}").json()["memory"] == body["memory"]
 
     edited, _, version = chat(client, EIFFEL["prompt"])
     assert version == "1" and edited > plain  # the fact went into the prompt
