@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from memory.codebook import Codebook
 from memory.value_training import train_value
 from methods.base import EditContext, EditRequest
-from methods.common import ChatSequence, collect_keys, target_ids
+from methods.common import ChatSequence, target_ids
 from methods.hparams import load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload
 from methods.values import SuffixReplay
@@ -124,8 +124,8 @@ def _one(
     last = len(prompt) - 1
     seq = ChatSequence(tuple(prompt + answer[:-1]), last, last, tuple(answer))
     with codebook.attached(module):  # the served model: existing entries active
-        key = collect_keys(ctx, h.layer, [prompt])[0, last].float()  # [d_ff]
-        replay = SuffixReplay(ctx, h.layer, module, [seq])
+        replay = SuffixReplay(ctx, h.layer, module, [seq])  # records the prefix once
+    key = replay.keys[0, last].float()  # [d_ff]: the down_proj input at the last prompt token
     plan = codebook.plan(key, label(request.target_new), h.radius)
     init = plan.init_value if plan.init_value is not None else replay.v0.float()  # warm start
     tgt = torch.tensor(answer, device=ctx.device)
