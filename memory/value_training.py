@@ -29,10 +29,13 @@ def train_value(
     optimizer: str = "adam",
     stop_below: float | None = None,
     max_norm: float | None = None,
+    done: Callable[[], bool] | None = None,
 ) -> ValueFit:
     """Optimises a value vector: `loss_fn(v)` must run the model with v in place (e.g. inside
     `Codebook.attached(module, key, label, v)`) and return a scalar loss, such as the target's
-    NLL after the chat prompt. `max_norm` projects v back onto that ball after each step."""
+    NLL after the chat prompt. `max_norm` projects v back onto that ball after each step. `done()`,
+    asked after each evaluation, ends training early too (e.g. the target is already the argmax:
+    a rule `loss_fn` can record as it computes)."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
     v = init.detach().float().reshape(-1).clone().requires_grad_(True)  # [d_out]
@@ -45,8 +48,8 @@ def train_value(
             losses.append(loss.detach().item())
             if losses[-1] < best_loss:
                 best, best_loss = v.detach().clone(), losses[-1]
-            if stop_below is not None and losses[-1] < stop_below:
-                return ValueFit(best, best_loss, losses, True)
+            if (stop_below is not None and losses[-1] < stop_below) or (done and done()):
+                return ValueFit(v.detach().clone(), losses[-1], losses, True)
             loss.backward()
             opt.step()
             if max_norm is not None:

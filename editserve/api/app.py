@@ -42,7 +42,7 @@ def build_app(
         settings=settings,
         engine=engine,
         metrics=metrics,
-        serving=OpenAIServing(engine, metrics, model_name),
+        serving=OpenAIServing(engine, metrics, model_name, memory=edits.memory),
         edits=edits,
     )
     app.include_router(routes_openai.router)

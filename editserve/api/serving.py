@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from editserve.api.errors import APIError, ClientDisconnected, bad_request, error_body
 from editserve.api.schemas import ChatCompletionRequest, CompletionRequest
+from editserve.edits.memory_edits import MemoryEdits
 from editserve.engine.request import GenerationResult, OutputStream
 from editserve.engine.sampling import SamplingParams, TokenLogprob
 from editserve.engine.transformers_engine import TransformersEngine
@@ -29,8 +30,15 @@ VERSION_HEADER = "x-editserve-model-version"
 
 
 class OpenAIServing:
-    def __init__(self, engine: TransformersEngine, metrics: ServerMetrics, model_name: str):
+    def __init__(
+        self,
+        engine: TransformersEngine,
+        metrics: ServerMetrics,
+        model_name: str,
+        memory: MemoryEdits | None = None,
+    ):
         self.engine = engine
+        self.memory = memory  # memory edits (IKE, SERAC) condition chat prompts
         self.tokenizer = engine.tokenizer
         self.metrics = metrics
         self.model_name = model_name
@@ -61,14 +69,25 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, http: Request) -> Response:
         self.check_model(req.model)
-        prompt = self._render_chat(req)
-        max_tokens = self._max_tokens(req.requested_max_tokens(), len(prompt))
-        stream = self._submit(
-            [prompt] * req.n, lambda i: req.sampling_params(max_tokens, i, req.logprobs_k())
-        )
+        started = time.monotonic()
+        while True:
+            # Memory edits change prompts: if one lands between rendering and admission (it
+            # bumps the version the request is admitted at), render again on the new memory.
+            generation = self.memory.generation if self.memory else 0
+            prompt = await self._render_chat(req)
+            max_tokens = self._max_tokens(req.requested_max_tokens(), len(prompt))
+            stream = self._submit(
+                [prompt] * req.n,
+                lambda i, budget=max_tokens: req.sampling_params(budget, i, req.logprobs_k()),
+            )
+            if self.memory is None:
+                break
+            await stream.admitted()
+            if self.memory.generation == generation:
+                break
+            stream.abort()
         meta = _meta("chatcmpl", "chat.completion.chunk", self.model_name)
         if req.stream:
-            started = time.monotonic()
             await stream.admitted()  # the version header must name the weights it runs on
             events = self._chat_events(stream, meta, len(prompt), req.include_usage(), started)
             return _sse(events, stream, _version(stream))
@@ -86,15 +105,30 @@ class OpenAIServing:
         body["usage"] = self._usage(len(prompt), results)
         return JSONResponse(body, headers=_version(stream))
 
-    def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
+    async def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
         if not self.tokenizer.chat_template:
             raise bad_request(
                 "this model has no chat template; use /v1/completions with a plain prompt",
                 param="messages",
             )
+        messages = req.template_messages()
+        if self.memory is None or not self.memory.has_prompt_entries():
+            return self._template(messages)
+        started = time.monotonic()
+        used = await asyncio.to_thread(self.memory.retrieve, messages)
+        self.metrics.memory_lookup.observe(time.monotonic() - started)
+        # Edit facts must not push a request out of the context window: without IKE's
+        # demonstrations first, then (rarely) without the facts.
+        for demonstrations in (True, False):
+            ids = self._template(self.memory.apply(messages, used, demonstrations))
+            if len(ids) + (req.requested_max_tokens() or 1) <= self.engine.max_model_len:
+                return ids
+        return self._template(messages)
+
+    def _template(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             ids = self.tokenizer.apply_chat_template(
-                req.template_messages(),
+                messages,
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=False,

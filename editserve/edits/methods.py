@@ -2,7 +2,11 @@
 
 Each entry adapts one `methods/` module to the service: which edit kinds it supports, how many
 requests one edit may carry, how to resolve hyperparameters (defaults per model family plus a
-request's overrides; a ValueError says what is wrong) and how to compute a delta.
+request's overrides; a ValueError says what is wrong) and how to compute its result.
+
+`payload` says what a method produces: "params", a `ParamDelta` (weights change, through the
+ledger), computed as compute(ctx, requests, hparams); or "memory", a `MemoryPayload` (entries of
+the edit memory or the GRACE codebook), computed as compute(ctx, memory_ctx, requests, hparams).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from methods.base import EditContext, EditRequest, ParamDelta
+from methods.base import ParamDelta
+from methods.memory_common import MemoryPayload
 
 # (model_type, num_layers, overrides) -> hyperparameters (a dataclass)
 LoadHparams = Callable[[str, int, dict[str, Any] | None], Any]
-Compute = Callable[[EditContext, list[EditRequest], Any], ParamDelta]
+Compute = Callable[..., ParamDelta | MemoryPayload]
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class MethodSpec:
     load_hparams: LoadHparams
     compute: Compute
     description: str
+    payload: str = "params"  # "params" (ParamDelta) or "memory" (MemoryPayload)
 
 
 def _lazy(module: str, name: str) -> Callable:
@@ -71,5 +77,42 @@ METHODS: dict[str, MethodSpec] = {
         load_hparams=_lazy("methods.ft", "load_ft_hparams"),
         compute=_lazy("methods.ft", "compute_ft"),
         description="FT-M: one down-projection fine-tuned on the target tokens (dense delta)",
+    ),
+    "ike": MethodSpec(
+        name="ike",
+        kinds=frozenset({"insert", "modify", "erase"}),
+        max_requests=64,
+        load_hparams=_lazy("methods.ike", "load_ike_hparams"),
+        compute=_lazy("methods.ike", "compute_ike"),
+        description="in-context editing: retrieved facts with demonstrations in the chat",
+        payload="memory",
+    ),
+    "ice": MethodSpec(
+        name="ice",
+        kinds=frozenset({"insert", "modify", "erase"}),
+        max_requests=64,
+        load_hparams=_lazy("methods.ike", "load_ice_hparams"),
+        compute=_lazy("methods.ike", "compute_ike"),
+        description="in-context editing without demonstrations: retrieved facts in the chat",
+        payload="memory",
+    ),
+    "serac": MethodSpec(
+        name="serac",
+        kinds=frozenset({"insert", "modify", "erase"}),
+        max_requests=64,
+        load_hparams=_lazy("methods.serac", "load_serac_hparams"),
+        compute=_lazy("methods.serac", "compute_serac"),
+        description="scope classifier over an edit memory; in scope, the model conditioned "
+        "on the edit answers",
+        payload="memory",
+    ),
+    "grace": MethodSpec(
+        name="grace",
+        kinds=frozenset({"insert", "modify", "erase"}),
+        max_requests=8,
+        load_hparams=_lazy("methods.grace", "load_grace_hparams"),
+        compute=_lazy("methods.grace", "compute_grace"),
+        description="key/value codebook at one down-projection, with a deferral radius",
+        payload="memory",
     ),
 }

@@ -1,9 +1,12 @@
 """EditService: validate an edit, compute it on a workbench, apply it, journal it, undo it.
 
 Edits run one at a time (a lock). A method computes on the workbench in a worker thread while
-the engine keeps serving; the delta is applied through the engine's exclusive section, so no
-answer mixes two versions of the model. The answer reports what users will meet: the greedy chat
-answers to the edited prompts and to a few unrelated probes, before and after.
+the engine keeps serving; its result is applied through the engine's exclusive section, so no
+answer mixes two versions of the model. Parameter methods give a `ParamDelta` (the ledger applies
+it); memory methods (IKE, ICE, SERAC, GRACE) give a `MemoryPayload` that the live edit memory
+registers (`editserve.edits.memory_edits`). Both are journaled alike and undone in any order.
+The answer reports what users will meet: the greedy chat answers to the edited prompts and to a
+few unrelated probes, before and after.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import torch
 from editserve.architectures import resolve
 from editserve.edits.journal import CorruptPayload, Journal, fingerprint
 from editserve.edits.ledger import DeltaRejected, WeightLedger
+from editserve.edits.memory_edits import MemoryEdits, describe
 from editserve.edits.methods import METHODS, MethodSpec
 from editserve.engine.request import OutputStream
 from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.engine.workbench import added_delta, make_workbench
+from memory.encoder import SentenceEncoder
 from methods.base import EditContext, EditRequest, ParamDelta
+from methods.memory_common import MemoryPayload
 from methods.stats import StatsCache, StatsSource
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,7 @@ class EditService:
         journal: Journal,
         stats_cache: StatsCache | None = None,
         stats_source: StatsSource | None = None,
+        encoder: SentenceEncoder | None = None,
     ) -> None:
         self.engine = engine
         self.journal = journal
@@ -103,6 +110,7 @@ class EditService:
             second_moments=self.second_moments if stats_cache is not None else None,
             edited_keys=self.ledger.edited_keys,
         )
+        self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder)
 
     def second_moments(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """E[kkᵀ] per layer from the cache on disk, computed there on first use (on the model as
@@ -116,6 +124,15 @@ class EditService:
 
     def chat_prompt(self, question: str) -> list[int]:
         messages = [{"role": "user", "content": question}]
+        return list(
+            self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+
+    def served_prompt(self, question: str) -> list[int]:
+        """The prompt the chat route would feed for `question`: memory edits included."""
+        messages, _ = self.memory.rewrite([{"role": "user", "content": question}])
         return list(
             self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -136,12 +153,21 @@ class EditService:
             self.journal.mark_failed(row.id)
         replayed = 0
         for row in self.journal.list(("applied",)):
+            spec = METHODS.get(row.method)
             try:
-                delta = ParamDelta.from_tensors(self.journal.load_payload(row.id))
-                self.ledger.apply(row.id, delta)
+                if spec is None:
+                    raise ValueError(f"this server has no method {row.method!r}")
+                tensors = self.journal.load_payload(row.id)
+                if spec.payload == "memory":
+                    payload = MemoryPayload(row.spec["memory"]["entries"], tensors)
+                    self.memory.register(row.id, row.method, payload)
+                else:
+                    self.ledger.apply(row.id, ParamDelta.from_tensors(tensors))
                 replayed += 1
-            except (CorruptPayload, DeltaRejected) as exc:
+            except (CorruptPayload, DeltaRejected, ValueError, KeyError) as exc:
                 log.error("edit %s NOT replayed: %s", row.id, exc)
+        if self.memory.has_prompt_entries():
+            self.memory.encoder.load()  # now, not on the first chat request
         self.engine.model_version = self.journal.version
         if replayed:
             log.info("replayed %d edit(s); model version %d", replayed, self.engine.model_version)
@@ -224,6 +250,10 @@ class EditService:
         checks: bool = True,
     ) -> dict:
         edit, spec, resolved = self.validate(method, kind, requests, hparams)
+        if dry_run and spec.payload == "memory":
+            raise EditError(
+                400, f"dry_run is not supported for memory methods such as {method}", "dry_run"
+            )
         async with self._lock:
             timings: dict[str, float] = {}
             started = time.monotonic()
@@ -234,20 +264,23 @@ class EditService:
 
             t = time.monotonic()
             try:
-                delta = await asyncio.to_thread(spec.compute, self.context, edit.requests, resolved)
-                self.ledger.check(delta)
+                result = await asyncio.to_thread(self._compute, spec, edit.requests, resolved)
             except (ValueError, DeltaRejected) as exc:
                 raise EditError(400, str(exc), "requests") from exc
             timings["compute_s"] = time.monotonic() - t
 
             edit_id = f"edit-{uuid.uuid4().hex[:16]}"
             record_spec = {**edit.to_json(), "resolved_hparams": _plain(resolved)}
+            if isinstance(result, MemoryPayload):
+                record_spec["memory"] = {"entries": result.entries}
             if dry_run:
+                assert isinstance(result, ParamDelta)  # refused in validate otherwise
+                delta = result
                 after = await asyncio.to_thread(self._workbench_answers, questions + probes, delta)
                 version = self.engine.model_version
             else:
                 t = time.monotonic()
-                version = await self._commit(edit_id, edit, record_spec, delta)
+                version = await self._commit(edit_id, edit, record_spec, result)
                 timings["apply_s"] = time.monotonic() - t
                 after = await self.answers(questions + probes) if checks else []
             timings["total_s"] = time.monotonic() - started
@@ -255,6 +288,8 @@ class EditService:
                 _checks(edit, questions, probes, before, after, self.tokenizer) if checks else {}
             )
             summary = {"checks": report, "timings": timings}
+            if isinstance(result, MemoryPayload):
+                summary["memory"] = describe(method, result)
             if not dry_run:
                 self.journal.set_summary(edit_id, summary)
         public = (
@@ -268,15 +303,36 @@ class EditService:
                 "model_version": version,
             }
         )
-        return {**public, **summary, "dry_run": dry_run, "delta": _describe(delta)}
+        if isinstance(result, MemoryPayload):
+            return {**public, **summary, "dry_run": dry_run}
+        return {**public, **summary, "dry_run": dry_run, "delta": _describe(result)}
 
-    async def _commit(self, edit_id: str, edit: EditSpec, record: dict, delta: ParamDelta) -> int:
+    def _compute(
+        self, spec: MethodSpec, requests: list[EditRequest], resolved: Any
+    ) -> ParamDelta | MemoryPayload:
+        if spec.payload == "memory":
+            payload = spec.compute(self.context, self.memory.context(), requests, resolved)
+            if not payload.entries:
+                raise ValueError("the edit adds no memory entry")
+            return payload
+        delta = spec.compute(self.context, requests, resolved)
+        self.ledger.check(delta)
+        return delta
+
+    async def _commit(
+        self, edit_id: str, edit: EditSpec, record: dict, result: ParamDelta | MemoryPayload
+    ) -> int:
+        memory = isinstance(result, MemoryPayload)
+        tensors = result.tensors if memory else result.to_tensors()
         await asyncio.to_thread(
-            self.journal.begin, edit_id, edit.method, edit.kind, record, delta.to_tensors()
+            self.journal.begin, edit_id, edit.method, edit.kind, record, tensors
         )
 
         def apply() -> int:
-            self.ledger.apply(edit_id, delta)
+            if memory:
+                self.memory.register(edit_id, edit.method, result)
+            else:
+                self.ledger.apply(edit_id, result)
             version = self.journal.mark_applied(edit_id)
             self.engine.model_version = version
             return version
@@ -297,9 +353,17 @@ class EditService:
             if row.status == "undone":
                 raise EditError(409, f"edit {edit_id} was already undone", "id")
             later = [r.id for r in self.journal.list(("applied",)) if r.seq > row.seq]
+            # Only weight deltas are recomputed on a rebase: prompt memory does not depend on
+            # the weights, and GRACE entries keep their keys (see README, "Order").
+            later_params = [
+                r for r in later if METHODS[self.journal.get(r).method].payload == "params"
+            ]
 
             def revert() -> int:
-                self.ledger.revert(edit_id)
+                if METHODS[row.method].payload == "memory":
+                    self.memory.remove(edit_id)
+                else:
+                    self.ledger.revert(edit_id)
                 version = self.journal.mark_undone(edit_id)
                 self.engine.model_version = version
                 return version
@@ -307,7 +371,7 @@ class EditService:
             t = time.monotonic()
             version = await asyncio.wrap_future(self.engine.run_exclusive(revert))
             undo_s = time.monotonic() - t
-            rebased = await self._rebase(later) if rebase and later else []
+            rebased = await self._rebase(later_params) if rebase and later_params else []
         return {
             "id": edit_id,
             "object": "edit.deleted",
@@ -380,8 +444,9 @@ class EditService:
         """Greedy chat answers through the engine: the path users hit."""
         stream = OutputStream()
         params = SamplingParams(max_tokens=CHECK_TOKENS, temperature=0)
-        for question in questions:
-            self.engine.submit(self.chat_prompt(question), params, stream)
+        prompts = await asyncio.to_thread(lambda: [self.served_prompt(q) for q in questions])
+        for prompt in prompts:
+            self.engine.submit(prompt, params, stream)
         return [r.token_ids for r in await stream.results()]
 
     def _workbench_answers(self, questions: list[str], delta: ParamDelta) -> list[list[int]]:

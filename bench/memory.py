@@ -1,0 +1,269 @@
+"""Memory-edit benchmark (IKE, ICE, SERAC, GRACE) through the live API. Writes JSON.
+
+1. Quality and registration latency, per method, on the first N ZsRE dev records, one edit at a
+   time (each undone before the next, as bench/edits.py does for ROME): POST /edits with checks
+   off (wall time = registration latency: compute + journal + apply), then greedy chat answers
+   to the edited prompt and its paraphrase (success: the answer contains the target), and
+   locality: the record's same-subject prompt and three of ten fixed unrelated questions
+   (rotating, so all ten are probed), unchanged when the first 16 greedy tokens are identical to
+   the unedited model's. Then DELETE.
+2. Added chat latency with a large memory: p50 of chat requests (1 generated token, questions
+   no edit matches) on the empty memory and then with `--memory-size` facts registered (half
+   IKE, half SERAC, in edits of 64 facts, synthetic facts on synthetic subjects), plus the
+   server's own mean lookup time (embed + search + condition) from /metrics.
+
+    python bench/memory.py --start [--n 50] [--methods ike,ice,serac,grace] [--memory-size 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edits import DATA, LOCALITY_TOKENS, UNRELATED, Api, load_records, same_subject
+from harness import ServerProcess, machine_info, percentile
+
+ANSWER_TOKENS = 24
+BATCH = 64  # facts per edit when filling the memory
+
+
+async def quality(api: Api, method: str, records: list[dict]) -> dict[str, Any]:
+    unrelated_before = await api.answers(UNRELATED, LOCALITY_TOKENS)
+    rows = []
+    for i, rec in enumerate(records):
+        questions = [rec["prompt"], rec["rephrase_prompt"]]
+        own = same_subject(rec)[:1]
+        probes = [UNRELATED[(i + j) % len(UNRELATED)] for j in range(3)]
+        own_before = await api.answers(own, LOCALITY_TOKENS)
+        request = {
+            "prompt": rec["prompt"],
+            "subject": rec["subject"],
+            "target_new": rec["target_new"],
+        }
+        t = time.perf_counter()
+        r = await api.client.post(
+            "/edits", json={"method": method, "checks": False, "requests": [request]}
+        )
+        post_s = time.perf_counter() - t
+        if r.status_code != 200:
+            rows.append({"record": i, "error": r.text[:300]})
+            print(f"[{method} {i}] refused: {r.text[:200]}")
+            continue
+        edit = r.json()
+        after = await api.answers(questions, ANSWER_TOKENS)
+        own_after = await api.answers(own, LOCALITY_TOKENS)
+        probes_after = await api.answers(probes, LOCALITY_TOKENS)
+        await api.client.delete(f"/edits/{edit['id']}")
+        target = rec["target_new"].lower()
+        unchanged = [
+            a == unrelated_before[UNRELATED.index(p)]
+            for p, a in zip(probes, probes_after, strict=True)
+        ]
+        row = {
+            "record": i,
+            "target": rec["target_new"],
+            "register_s": post_s,
+            "compute_s": edit["timings"]["compute_s"],
+            "answer": after[0],
+            "paraphrase_answer": after[1],
+            "success": target in after[0].lower(),
+            "paraphrase": target in after[1].lower(),
+            "unrelated_unchanged": sum(unchanged) / len(unchanged),
+            "same_subject_unchanged": (own_before == own_after) if own else None,
+            "memory": edit.get("memory"),
+        }
+        rows.append(row)
+        print(
+            f"[{method} {i}] {row['success']!s:5} {row['paraphrase']!s:5} "
+            f"loc={row['unrelated_unchanged']:.2f} {post_s * 1000:.0f} ms  "
+            f"{rec['subject']} -> {rec['target_new']}: {after[0][:50]!r}",
+            flush=True,
+        )
+    return {"rows": rows, "summary": summarise(rows)}
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    ok = [r for r in rows if "error" not in r]
+
+    def mean(key: str) -> float | None:
+        values = [float(r[key]) for r in ok if r.get(key) is not None]
+        return round(statistics.mean(values), 4) if values else None
+
+    ms = [r["register_s"] * 1000 for r in ok]
+    return {
+        "edits": len(ok),
+        "refused": len(rows) - len(ok),
+        "generated_success": mean("success"),
+        "generated_paraphrase": mean("paraphrase"),
+        "locality_unrelated": mean("unrelated_unchanged"),
+        "locality_same_subject": mean("same_subject_unchanged"),
+        "register_ms_p50": round(statistics.median(ms), 1) if ms else None,
+        "register_ms_p90": round(percentile(ms, 90), 1) if ms else None,
+        "register_ms_max": round(max(ms), 1) if ms else None,
+    }
+
+
+# -- latency with a large memory -------------------------------------------------------------------
+
+SUBJECT_PARTS = ("Zor", "Vel", "Kra", "Mon", "Tal", "Ser", "Quin", "Bar", "Lum", "Dro", "Fen")
+RELATIONS = (
+    ("Which company manufactures the {s}?", "{o} Industries"),
+    ("In which city was {s} born?", "{o}ville"),
+    ("What is the native language of {s}?", "{o}ic"),
+    ("Who founded {s}?", "{o} Smith"),
+    ("Which river flows through {s}?", "the {o} River"),
+)
+
+
+def synthetic_facts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    facts = []
+    for i in range(n):
+        subject = "".join(rng.choice(SUBJECT_PARTS) for _ in range(3)) + f" {i}"
+        question, answer = RELATIONS[i % len(RELATIONS)]
+        obj = "".join(rng.choice(SUBJECT_PARTS) for _ in range(2))
+        facts.append(
+            {
+                "prompt": question.format(s=subject),
+                "subject": subject,
+                "target_new": answer.format(o=obj),
+            }
+        )
+    return facts
+
+
+OFF_TOPIC = [
+    "How many legs does a spider have?",
+    "What is the boiling point of water at sea level?",
+    "Name a primary colour.",
+    "What do bees make?",
+    "How many continents are there?",
+    "What is the opposite of cold?",
+    "Which planet is closest to the Sun?",
+    "What is two plus three?",
+    "What colour is the sky on a clear day?",
+    "What is frozen water called?",
+]
+
+
+async def chat_latency(api: Api, rounds: int) -> list[float]:
+    out = []
+    for i in range(rounds):
+        question = f"{OFF_TOPIC[i % len(OFF_TOPIC)]} ({i})"  # distinct text every request
+        t = time.perf_counter()
+        await api.answer(question, 1)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+async def lookup_mean_ms(api: Api) -> tuple[float, int]:
+    text = (await api.client.get("/metrics")).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("editserve_memory_lookup_seconds_sum"):
+            values["sum"] = float(line.split()[-1])
+        if line.startswith("editserve_memory_lookup_seconds_count"):
+            values["count"] = float(line.split()[-1])
+    count = int(values.get("count", 0))
+    return (values.get("sum", 0.0) / count * 1000 if count else 0.0), count
+
+
+async def large_memory(api: Api, size: int, rounds: int) -> dict[str, Any]:
+    await chat_latency(api, 5)  # warm-up
+    empty = await chat_latency(api, rounds)
+    facts = synthetic_facts(size)
+    t = time.perf_counter()
+    register_ms = []
+    for start in range(0, size, BATCH):
+        method = "ike" if start < size // 2 else "serac"
+        t0 = time.perf_counter()
+        r = await api.client.post(
+            "/edits",
+            json={"method": method, "checks": False, "requests": facts[start : start + BATCH]},
+        )
+        r.raise_for_status()
+        register_ms.append((time.perf_counter() - t0) * 1000)
+    fill_s = time.perf_counter() - t
+    before_mean, before_count = await lookup_mean_ms(api)
+    await chat_latency(api, 5)
+    full = await chat_latency(api, rounds)
+    after_mean, after_count = await lookup_mean_ms(api)
+    n = after_count - before_count
+    server_mean = (after_mean * after_count - before_mean * before_count) / n if n else None
+    p50_empty, p50_full = statistics.median(empty), statistics.median(full)
+    return {
+        "facts_in_memory": size,
+        "edits": len(register_ms),
+        "facts_per_edit": BATCH,
+        "fill_s": round(fill_s, 1),
+        "register_ms_per_64_facts_p50": round(statistics.median(register_ms), 1),
+        "chat_ms_p50_empty_memory": round(p50_empty, 2),
+        "chat_ms_p50_full_memory": round(p50_full, 2),
+        "added_ms_p50": round(p50_full - p50_empty, 2),
+        "chat_ms_p90_empty_memory": round(percentile(empty, 90), 2),
+        "chat_ms_p90_full_memory": round(percentile(full, 90), 2),
+        "server_lookup_ms_mean": round(server_mean, 2) if server_mean is not None else None,
+        "rounds": rounds,
+    }
+
+
+async def run(url: str, admin_key: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    api = Api(url, admin_key)
+    await api.start()
+    out: dict[str, Any] = {"methods": {}}
+    if args.n:
+        records = load_records(args.n, args.data)
+        for method in args.methods.split(","):
+            out["methods"][method] = await quality(api, method, records)
+            print(method, json.dumps(out["methods"][method]["summary"]), flush=True)
+    if args.memory_size:
+        out["large_memory"] = await large_memory(api, args.memory_size, args.rounds)
+        print(json.dumps(out["large_memory"]), flush=True)
+    await api.client.aclose()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--server", default="http://127.0.0.1:8000")
+    where.add_argument("--start", action="store_true", help="start a server (fresh journal)")
+    parser.add_argument("--admin-key")
+    parser.add_argument("--model", help="local HF folder (default: the embedded model)")
+    parser.add_argument("--methods", default="ike,ice,serac,grace")
+    parser.add_argument("--n", type=int, default=50, help="ZsRE records (0: skip quality)")
+    parser.add_argument("--memory-size", type=int, default=10_000, help="0: skip latency")
+    parser.add_argument("--rounds", type=int, default=40, help="chat requests per latency run")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "memory.json"
+    )
+    args = parser.parse_args()
+    server = None
+    url = args.server
+    if args.start:
+        state = tempfile.mkdtemp(prefix="editserve-bench-state-")
+        server = ServerProcess(args.model, None, env={"EDITSERVE_STATE_DIR": state})
+        server.wait_ready()
+        url = server.url
+    try:
+        result = asyncio.run(run(url, args.admin_key, args))
+    finally:
+        if server is not None:
+            server.stop()
+    report = {"machine": machine_info(), "data": str(args.data), "n": args.n, **result}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

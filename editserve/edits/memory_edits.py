@@ -1,0 +1,191 @@
+"""The live server's edit memory: what IKE, ICE, SERAC and GRACE edits register.
+
+- IKE/ICE and SERAC entries sit in two FAISS edit memories (`memory.index.EditMemory`), one per
+  kind, so a flood of one kind never crowds the other out of the top-k. Before a chat request is
+  tokenized, `rewrite` embeds its last user message, retrieves entries whose similarity reaches
+  their edit's threshold and conditions the conversation on their facts (`methods.ike.condition`).
+- GRACE entries sit in one `memory.codebook.Codebook`, served by a forward hook on one layer's
+  down-projection of the live model, and of the workbench (so every method computes on the
+  model as served). The hook is attached, and entries change, only inside the engine's
+  exclusive section, so no generation ever sees two codebooks.
+
+`register`/`remove` run on the engine thread with no request in flight (the caller's
+`run_exclusive`); `rewrite` runs on request threads. `generation` counts changes of the
+prompt-side memory, so a request can tell whether the memory changed between rendering its
+prompt and being admitted (then it renders again: see `OpenAIServing.chat`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from editserve.architectures import ResolvedArch
+from memory.codebook import Codebook
+from memory.encoder import DIM, SentenceEncoder
+from memory.index import EditMemory
+from methods.grace import label
+from methods.ike import condition
+from methods.memory_common import MemoryContext, MemoryPayload
+
+# Which store each memory method's payload goes to.
+STORES = {"ike": "ike", "ice": "ike", "serac": "serac", "grace": "codebook"}
+TOP_K = 4  # IKE facts retrieved per request at most (SERAC uses its best one)
+
+
+class MemoryEdits:
+    def __init__(
+        self,
+        live: ResolvedArch,
+        bench: ResolvedArch,
+        encoder: SentenceEncoder | None = None,
+    ) -> None:
+        self.live, self.bench = live, bench
+        self.encoder = encoder or SentenceEncoder()
+        self.indexes = {"ike": EditMemory(DIM), "serac": EditMemory(DIM)}
+        self.codebook = Codebook()
+        self.codebook_layer: int | None = None
+        self._hooks: list[RemovableHandle] = []
+        self._bench_hook_on = True
+        self._store_of: dict[str, str] = {}  # edit id -> store
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    # -- for methods -------------------------------------------------------------------------------
+
+    def context(self) -> MemoryContext:
+        return MemoryContext(
+            encoder=self.encoder,
+            codebook=self.codebook,
+            codebook_layer=self.codebook_layer,
+            bench_without_codebook=self._bench_without_codebook,
+        )
+
+    @contextmanager
+    def _bench_without_codebook(self) -> Iterator[None]:
+        self._bench_hook_on = False
+        try:
+            yield
+        finally:
+            self._bench_hook_on = True
+
+    # -- changes (engine thread, exclusive) ------------------------------------------------------
+
+    def register(self, edit_id: str, method: str, payload: MemoryPayload) -> None:
+        store = STORES[method]
+        if store == "codebook":
+            self._register_grace(edit_id, payload)
+        else:
+            self.indexes[store].add(edit_id, payload.entries, payload.tensors["embeddings"])
+            with self._lock:
+                self._generation += 1
+        self._store_of[edit_id] = store
+
+    def _register_grace(self, edit_id: str, payload: MemoryPayload) -> None:
+        layer = int(payload.entries[0]["layer"])
+        if self.codebook_layer is None:
+            self._attach(layer)
+        elif layer != self.codebook_layer:
+            raise ValueError(f"the codebook sits at layer {self.codebook_layer}, not {layer}")
+        t = payload.tensors
+        try:
+            for i, entry in enumerate(payload.entries):
+                key, value, radius = t["keys"][i], t["values"][i], float(t["radii"][i])
+                self.codebook.add(edit_id, key, label(entry["target"]), value, radius)
+        except Exception:  # all of the edit or none of it
+            self.codebook.remove(edit_id)
+            if not self.codebook.edit_ids():
+                self._detach()
+            raise
+
+    def remove(self, edit_id: str) -> int:
+        """Takes the edit's entries out; returns how many stores held any."""
+        store = self._store_of.pop(edit_id, None)
+        if store is None:
+            return 0
+        if store == "codebook":
+            self.codebook.remove(edit_id)
+            if not self.codebook.edit_ids():
+                self._detach()  # empty: the hook goes, and a later edit may pick its layer
+        else:
+            self.indexes[store].remove(edit_id)
+            with self._lock:
+                self._generation += 1
+        return 1
+
+    def _attach(self, layer: int) -> None:
+        serve = self.codebook.attach(self.live.down_proj(layer))
+
+        def bench_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
+            return self.codebook.serve(inputs[0], output) if self._bench_hook_on else None
+
+        self._hooks = [serve, self.bench.down_proj(layer).register_forward_hook(bench_hook)]
+        self.codebook_layer = layer
+
+    def _detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self.codebook_layer = [], None
+
+    # -- the chat path (request threads) ---------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def has_prompt_entries(self) -> bool:
+        return any(len(index) for index in self.indexes.values())
+
+    def retrieve(self, messages: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """The entries relevant to the conversation's last user message: IKE/ICE entries
+        (top-k) and SERAC's best one, each only if its similarity reaches its threshold."""
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users or not self.has_prompt_entries():
+            return []
+        query = self.encoder.encode([users[-1]])  # [1, 384]
+        used = []
+        for store, k in (("ike", TOP_K), ("serac", 1)):
+            if len(self.indexes[store]):
+                hits = self.indexes[store].search(query, k)[0]
+                used += [
+                    {"edit_id": h.edit_id, "store": store, "score": h.score, **h.entry}
+                    for h in hits
+                    if h.score >= h.entry["threshold"]
+                ]
+        return used
+
+    @staticmethod
+    def apply(
+        messages: list[dict[str, str]], used: list[dict[str, Any]], demonstrations: bool = True
+    ) -> list[dict[str, str]]:
+        """The conversation conditioned on the retrieved entries' facts (with IKE's
+        demonstrations if an IKE entry asks for them and `demonstrations`)."""
+        if not used:
+            return messages
+        facts = list(dict.fromkeys(u["fact"] for u in used))
+        demos = demonstrations and any(u.get("demonstrations") for u in used)
+        return condition(messages, facts, demos)
+
+    def rewrite(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict]]:
+        """`retrieve` then `apply`: the conditioned conversation and the entries used."""
+        used = self.retrieve(messages)
+        return self.apply(messages, used), used
+
+
+def describe(method: str, payload: MemoryPayload) -> dict:
+    """What an edit adds to the memory, for its response."""
+    store = STORES[method]
+    out: dict[str, Any] = {"store": store, "entries": len(payload.entries)}
+    if store == "codebook":
+        out["codebook"] = [
+            {k: e[k] for k in ("decision", "steps", "nll", "converged") if k in e}
+            for e in payload.entries
+        ]
+    return out

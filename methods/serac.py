@@ -1,0 +1,55 @@
+"""SERAC: a scope classifier over an edit memory, and a counterfactual path for in-scope queries.
+
+Mitchell, Lin, Bosselut, Manning, Finn. "Memory-Based Model Editing at Scale", ICML 2022.
+
+- Edit memory: one entry per request, the edit's question embedded with the sentence encoder.
+- Scope classifier: cosine similarity of the user's last message to an entry's question, against
+  the edit's calibrated threshold (docs/memory-edits.md says how it was calibrated). This is the
+  paper's bi-encoder classifier without training: the encoder is all-MiniLM-L6-v2 as is. A
+  trained classifier is not offered (it would need positive/negative scope pairs per model).
+- In scope (the best entry reaches its threshold), the counterfactual model answers: the base
+  model conditioned on that one edit (the fact put before the question, as ICE does; the paper
+  trains a small separate model for this, which a 135M base model makes moot). Out of scope, the
+  base model answers the request unchanged: SERAC's hard switch, not EasyEdit's soft mixture.
+
+The edit's rephrases are not stored as scope examples: they are what the edit is checked on, and
+scope should generalise to paraphrases nobody wrote down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from methods.base import EditContext, EditRequest
+from methods.hparams import load_hparams
+from methods.memory_common import MemoryContext, MemoryPayload, check_threshold, fact_text
+
+
+@dataclass(frozen=True)
+class SeracHyperParams:
+    threshold: float = 0.8  # cosine similarity to the edit's question that counts as in scope
+
+
+def load_serac_hparams(model_type: str, num_layers: int, overrides: dict | None = None) -> Any:
+    h = load_hparams(SeracHyperParams, "serac", model_type, num_layers, overrides)
+    problem = check_threshold("threshold", h.threshold)
+    if problem:
+        raise ValueError(problem)
+    return h
+
+
+def compute_serac(
+    ctx: EditContext, memory: MemoryContext, requests: list[EditRequest], h: SeracHyperParams
+) -> MemoryPayload:
+    embeddings = memory.encoder.encode([r.prompt for r in requests])  # [n, 384]
+    entries = [
+        {
+            "fact": fact_text(r.prompt, r.target_new),
+            "prompt": r.prompt,
+            "target": r.target_new,
+            "threshold": h.threshold,
+        }
+        for r in requests
+    ]
+    return MemoryPayload(entries=entries, tensors={"embeddings": embeddings})

@@ -1,0 +1,89 @@
+"""IKE, SERAC and GRACE through a live server on the embedded model and the real `openai` client:
+each edit changes the chat answer to its question and to a paraphrase, leaves unrelated questions
+alone, survives a restart, and DELETE gives the old answers back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.integration.conftest import LiveServer
+from tests.integration.test_edits import UNRELATED, ask
+
+pytestmark = pytest.mark.integration
+
+# Facts the embedded model gets right before the edit, one per method (each method's hold on
+# strong priors differs: ICE alone, for one, does not move the Eiffel Tower; see
+# docs/memory-edits.md for rates over ZsRE records).
+FACTS = {
+    "ike": {
+        "prompt": "What is the capital of France?",
+        "subject": "France",
+        "target_new": "Lyon",
+        "rephrase": ["Which city is the capital of France?"],
+    },
+    "serac": {
+        "prompt": "What language is spoken in Brazil?",
+        "subject": "Brazil",
+        "target_new": "Spanish",
+        "rephrase": ["Which language do people in Brazil speak?"],
+    },
+    "grace": {
+        "prompt": "In which city is the Eiffel Tower?",
+        "subject": "Eiffel Tower",
+        "target_new": "Rome",
+        "rephrase": ["In which city is the Eiffel Tower located?"],  # GRACE: within the radius
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    server = LiveServer(tmp_path_factory.mktemp("memory-state"), tmp_path_factory.mktemp("logs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_memory_edits_change_the_answers_survive_a_restart_and_undo(live: LiveServer) -> None:
+    questions = [q for f in FACTS.values() for q in (f["prompt"], *f["rephrase"])]
+    before = {q: ask(live.url, q)[0] for q in [*questions, *UNRELATED]}
+    assert "Paris" in before[FACTS["ike"]["prompt"]]
+
+    ids = {}
+    for method, fact in FACTS.items():
+        r = httpx.post(
+            f"{live.url}/edits",
+            json={"method": method, "requests": [fact]},
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        checks = body["checks"]["requests"]
+        assert all(c["success"] for c in checks), (method, checks)
+        ids[method] = body["id"]
+
+    def check_edited() -> None:
+        for method, fact in FACTS.items():
+            for question in (fact["prompt"], *fact["rephrase"]):
+                answer, _ = ask(live.url, question)
+                assert fact["target_new"] in answer, (method, question, answer)
+        for question in UNRELATED:
+            assert ask(live.url, question)[0] == before[question], question
+
+    check_edited()
+    version = ask(live.url, UNRELATED[0])[1]
+    live.stop()
+    live.start()
+    check_edited()
+    assert ask(live.url, UNRELATED[0])[1] == version
+
+    for method in ("serac", "ike", "grace"):  # not in creation order
+        r = httpx.delete(f"{live.url}/edits/{ids[method]}")
+        assert r.status_code == 200 and r.json()["deleted"], r.text
+        for question in (FACTS[method]["prompt"], *FACTS[method]["rephrase"]):
+            assert ask(live.url, question)[0] == before[question], (method, question)

@@ -1,0 +1,246 @@
+"""Memory edits (IKE, ICE, SERAC, GRACE) through POST/GET/DELETE /edits on a tiny model.
+
+The sentence encoder is a stand-in (hashed bag of words, unit norm) so these tests are about the
+machinery: retrieval gates the chat prompt, journaling, exact replay, undo in any order with
+parameter edits, the GRACE hook on the live model, and bad input. The real encoder and methods
+are exercised on the embedded model in tests/integration/test_memory_edits.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from editserve.edits import methods as edit_methods
+from editserve.edits.methods import MethodSpec
+from methods.base import EditContext, EditRequest, ParamDelta
+from tests.conftest import tiny_model
+
+MODEL = "tiny-llama"
+EIFFEL = {"prompt": "In which city is the Eiffel Tower?", "subject": "Eiffel Tower"}
+UNRELATED = "Who wrote a play about two lovers from Verona?"
+
+
+class BagOfWords:
+    """A stand-in sentence encoder: hashed word counts, unit norm, 384 dimensions."""
+
+    dim = 384
+
+    def load(self) -> None:
+        pass
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        out = torch.zeros(len(texts), self.dim)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+        return torch.nn.functional.normalize(out, dim=-1)
+
+
+def compute_shift(ctx: EditContext, requests: list[EditRequest], h: object) -> ParamDelta:
+    name = ctx.arch.down_proj_name(0)
+    weight = dict(ctx.model.named_parameters())[name]
+    g = torch.Generator().manual_seed(7)
+    return ParamDelta(
+        low_rank={name: (torch.randn(weight.shape[0], 1, generator=g), torch.randn(1, 64))}
+    )
+
+
+@pytest.fixture(autouse=True)
+def shift_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = MethodSpec("shift", frozenset({"modify"}), 1, lambda *_: None, compute_shift, "test")
+    monkeypatch.setitem(edit_methods.METHODS, "shift", spec)
+
+
+def build(state_dir: Path):  # noqa: ANN201
+    from editserve.api.app import build_app
+    from editserve.config import Settings
+    from editserve.edits.journal import Journal
+    from editserve.edits.service import EditService
+    from editserve.engine.transformers_engine import TransformersEngine
+    from editserve.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    engine = TransformersEngine(tiny_model("llama"), on_step=metrics.on_step)
+    edits = EditService(engine, Journal(state_dir), encoder=BagOfWords())
+    edits.replay()
+    return build_app(Settings(state_dir=state_dir), engine, metrics, edits)
+
+
+@pytest.fixture
+def client(tmp_path: Path):
+    with TestClient(build(tmp_path)) as c:
+        yield c
+
+
+def post(client: TestClient, method: str, target: str = "Rome", **body: object):
+    body = {"requests": [{**EIFFEL, "target_new": target}], "checks": False, **body}
+    return client.post("/edits", json={"method": method, **body})
+
+
+def chat(client: TestClient, question: str) -> tuple[int, str, str]:
+    """Prompt tokens (the rendered prompt's size), the answer, the model version."""
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    content = body["choices"][0]["message"]["content"]
+    return body["usage"]["prompt_tokens"], content, r.headers["x-editserve-model-version"]
+
+
+def state(client: TestClient):  # noqa: ANN201
+    return client.app.state.editserve
+
+
+def weights_hash(client: TestClient) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(state(client).engine.model.state_dict().items()):
+        h.update(name.encode() + p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("method", ["ike", "ice", "serac"])
+def test_a_prompt_memory_edit_conditions_only_related_chats(client: TestClient, method) -> None:
+    paraphrase = "Where is the Eiffel Tower located, which city?"
+    plain, _, _ = chat(client, EIFFEL["prompt"])
+    plain_paraphrase, _, _ = chat(client, paraphrase)
+    unrelated, _, _ = chat(client, UNRELATED)
+    r = post(client, method, hparams={"threshold": 0.5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "applied" and body["model_version"] == 1
+    assert body["memory"] == {"store": "serac" if method == "serac" else "ike", "entries": 1}
+    assert client.get(f"/edits/{body['id']}").json()["memory"] == body["memory"]
+
+    edited, _, version = chat(client, EIFFEL["prompt"])
+    assert version == "1" and edited > plain  # the fact went into the prompt
+    assert chat(client, paraphrase)[0] > plain_paraphrase
+    assert chat(client, UNRELATED)[0] == unrelated  # nothing injected
+    messages, used = state(client).edits.memory.rewrite(
+        [{"role": "user", "content": EIFFEL["prompt"]}]
+    )
+    assert [u["edit_id"] for u in used] == [body["id"]]
+    assert "Rome" in messages[-1]["content"]
+    demos = any(m["role"] == "assistant" for m in messages)
+    assert demos == (method == "ike")
+
+    undone = client.delete(f"/edits/{body['id']}").json()
+    assert undone["deleted"] and undone["model_version"] == 2
+    assert chat(client, EIFFEL["prompt"])[0::2] == (plain, "2")
+
+
+def test_the_threshold_gates_retrieval(client: TestClient) -> None:
+    assert post(client, "ike", hparams={"threshold": 0.85}).status_code == 200
+    plain = chat(client, "Which city is the Eiffel Tower in, please?")[0]
+    exact = chat(client, EIFFEL["prompt"])[0]
+    assert exact > plain  # only a (near) identical question passes 0.85
+
+
+def test_grace_edit_hooks_the_live_model_and_undoes_exactly(client: TestClient) -> None:
+    base = weights_hash(client)
+    _, before, _ = chat(client, EIFFEL["prompt"])
+    r = post(client, "grace", hparams={"layer": 1, "radius": 0.5, "steps": 30, "lr": 0.5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["memory"]["store"] == "codebook" and body["memory"]["entries"] == 1
+    memory = state(client).edits.memory
+    assert len(memory.codebook) == 1 and memory.codebook_layer == 1
+    down = state(client).engine.model.model.layers[1].mlp.down_proj
+    assert len(down._forward_hooks) == 1
+    assert weights_hash(client) == base  # GRACE leaves the weights alone
+    # The trained value makes the tiny model's greedy answer start with the target's bytes.
+    _, after, version = chat(client, EIFFEL["prompt"])
+    assert version == "1" and after != before and after.startswith("R")
+
+    assert client.delete(f"/edits/{body['id']}").json()["deleted"]
+    assert len(memory.codebook) == 0 and len(down._forward_hooks) == 0
+    assert chat(client, EIFFEL["prompt"])[1] == before
+
+
+def test_memory_and_parameter_edits_undo_in_any_order_and_replay_exactly(tmp_path) -> None:
+    with TestClient(build(tmp_path)) as first:
+        base = weights_hash(first)
+        ids = [
+            post(first, "ike").json()["id"],
+            post(first, "shift").json()["id"],
+            post(first, "grace", hparams={"layer": 1, "steps": 3}).json()["id"],
+            post(first, "serac", "Paris").json()["id"],
+            post(first, "grace", "Oslo", hparams={"layer": 1, "steps": 3}).json()["id"],
+        ]
+        assert first.delete(f"/edits/{ids[2]}").json()["later_edits"] == ids[3:]
+        memory = state(first).edits.memory
+        saved = {
+            "ike": memory.indexes["ike"].to_tensors(),
+            "serac": memory.indexes["serac"].to_tensors(),
+            "codebook": memory.codebook.to_tensors(),
+        }
+        weights = weights_hash(first)
+        answers = [chat(first, q) for q in (EIFFEL["prompt"], UNRELATED)]
+    with TestClient(build(tmp_path)) as second:
+        memory = state(second).edits.memory
+        assert weights_hash(second) == weights
+        assert memory.codebook_layer == 1
+        for name, flat in saved.items():
+            now = (memory.codebook if name == "codebook" else memory.indexes[name]).to_tensors()
+            assert flat.keys() == now.keys()
+            assert all(torch.equal(flat[k], now[k]) for k in flat), name
+        assert [chat(second, q) for q in (EIFFEL["prompt"], UNRELATED)] == answers
+        for edit_id in (ids[3], ids[1], ids[0], ids[4]):  # any order
+            assert second.delete(f"/edits/{edit_id}").status_code == 200
+        assert weights_hash(second) == base
+        assert not memory.has_prompt_entries() and len(memory.codebook) == 0
+
+
+REQUEST = {**EIFFEL, "target_new": "Rome"}
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "param"),
+    [
+        ("ike", {"hparams": {"threshold": 1.5}}, "hparams"),
+        ("ike", {"hparams": {"top_k": 3}}, "hparams"),
+        ("ice", {"hparams": {"demonstrations": True}}, "hparams"),
+        ("serac", {"hparams": {"threshold": "high"}}, "hparams"),
+        ("serac", {"requests": [REQUEST] * 65}, "requests"),
+        ("grace", {"hparams": {"layer": 9}}, "hparams"),
+        ("grace", {"hparams": {"steps": 0}}, "hparams"),
+        ("grace", {"hparams": {"radius": -1}}, "hparams"),
+        ("grace", {"requests": [REQUEST] * 9}, "requests"),
+        ("ike", {"requests": [{**REQUEST, "target_new": "  "}]}, "requests.0.target_new"),
+        ("serac", {"requests": [{**REQUEST, "target_new": "x" * 400}]}, "requests.0.target_new"),
+        ("grace", {"requests": [{**REQUEST, "subject": "Louvre"}]}, "requests.0.subject"),
+        ("ike", {"dry_run": True}, "dry_run"),
+        ("ike", {"kind": "rewrite"}, None),
+    ],
+)
+def test_bad_memory_edits_change_nothing(client: TestClient, method, body, param) -> None:
+    plain = chat(client, EIFFEL["prompt"])
+    r = client.post("/edits", json={"method": method, "requests": [REQUEST], **body})
+    assert 400 <= r.status_code < 500, r.text
+    error = r.json()["error"]
+    assert len(error["message"]) > 10
+    if param is not None:
+        assert error["param"] == param
+    assert client.get("/edits").json()["data"] == []
+    memory = state(client).edits.memory
+    assert not memory.has_prompt_entries() and len(memory.codebook) == 0
+    assert chat(client, EIFFEL["prompt"]) == plain
+
+
+def test_a_grace_edit_at_another_layer_is_refused(client: TestClient) -> None:
+    assert post(client, "grace", hparams={"layer": 1, "steps": 2}).status_code == 200
+    r = post(client, "grace", "Oslo", hparams={"layer": 0, "steps": 2})
+    assert r.status_code == 400 and "layer 1" in r.json()["error"]["message"]
+    assert len(client.get("/edits").json()["data"]) == 1
