@@ -149,6 +149,15 @@ def test_undoing_the_middle_edit_lists_later_ones_and_rebase_recomputes(client) 
         ({"hparams": {"layr": 3}}, 400, "hparams"),
         ({"hparams": {"layer": "three"}}, 400, "hparams"),
         ({"hparams": [1, 2]}, 400, "hparams"),
+        # A batch with one bad request is refused whole.
+        (
+            {"method": "memit", "requests": [REQUEST, {**REQUEST, "subject": "Louvre"}]},
+            400,
+            "requests.1.subject",
+        ),
+        ({"method": "alphaedit", "hparams": {"layers": [0, 9]}}, 400, "hparams"),
+        ({"method": "memit", "hparams": {"layers": "all"}}, 400, "hparams"),
+        ({"method": "ft", "hparams": {"norm_constraint": -1}}, 400, "hparams"),
     ],
 )
 def test_bad_edits_change_nothing(client: TestClient, body: dict, status: int, param) -> None:
