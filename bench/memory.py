@@ -214,6 +214,12 @@ async def large_memory(api: Api, size: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    report = {"machine": machine_info(), "data": str(args.data), "n": args.n, **result}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+
 async def run(url: str, admin_key: str | None, args: argparse.Namespace) -> dict[str, Any]:
     api = Api(url, admin_key)
     await api.start()
@@ -223,6 +229,7 @@ async def run(url: str, admin_key: str | None, args: argparse.Namespace) -> dict
         for method in args.methods.split(","):
             out["methods"][method] = await quality(api, method, records)
             print(method, json.dumps(out["methods"][method]["summary"]), flush=True)
+            write(args, out)  # a long run keeps what it measured if it dies later
     if args.memory_size:
         out["large_memory"] = await large_memory(api, args.memory_size, args.rounds)
         print(json.dumps(out["large_memory"]), flush=True)
@@ -258,9 +265,7 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-    report = {"machine": machine_info(), "data": str(args.data), "n": args.n, **result}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write(args, result)
     print(f"wrote {args.out}")
     return 0
 
