@@ -21,7 +21,7 @@ import torch
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.hparams import load_hparams
-from methods.memit import TargetHyperParams, check_common, compute_targets, spread
+from methods.memit import LayerSolve, TargetHyperParams, check_common, edit_layers
 
 
 @dataclass(frozen=True)
@@ -54,21 +54,16 @@ def null_space_projector(moment: torch.Tensor, threshold: float) -> torch.Tensor
 def compute_alphaedit(
     ctx: EditContext, requests: list[EditRequest], h: AlphaEditHyperParams
 ) -> ParamDelta:
-    if not requests:
-        raise ValueError("an AlphaEdit edit needs at least one request")
-    if ctx.second_moments is None:
-        raise ValueError("AlphaEdit needs second-moment statistics, and none are available")
-    layers = tuple(h.layers or ())
-    targets = compute_targets(ctx, requests, h)
-    moments = ctx.second_moments(layers)
+    def solve_with(moments: dict[int, torch.Tensor]) -> LayerSolve:
+        def solve(layer: int, k: torch.Tensor, name: str) -> torch.Tensor:
+            p = null_space_projector(moments[layer], h.nullspace_threshold).to(k)
+            gram = k.T @ k
+            if ctx.edited_keys is not None:
+                earlier = ctx.edited_keys(name).to(k)  # [m, d_in]
+                gram = gram + earlier.T @ earlier
+            a = p @ gram + h.l2 * torch.eye(p.shape[0], dtype=k.dtype, device=k.device)
+            return torch.linalg.solve(a, p @ k.T).T  # [n, d_in]
 
-    def solve(layer: int, k: torch.Tensor, name: str) -> torch.Tensor:
-        p = null_space_projector(moments[layer], h.nullspace_threshold).to(k)
-        gram = k.T @ k
-        if ctx.edited_keys is not None:
-            earlier = ctx.edited_keys(name).to(k)  # [m, d_in]
-            gram = gram + earlier.T @ earlier
-        a = p @ gram + h.l2 * torch.eye(p.shape[0], dtype=k.dtype, device=k.device)
-        return torch.linalg.solve(a, p @ k.T).T  # [n, d_in]
+        return solve
 
-    return spread(ctx, targets, layers, solve)
+    return edit_layers(ctx, requests, h, "AlphaEdit", solve_with)

@@ -240,18 +240,30 @@ def _mean_by(x: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
 # -- MEMIT ----------------------------------------------------------------------------------------
 
 
-def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> ParamDelta:
+def edit_layers(
+    ctx: EditContext,
+    requests: list[EditRequest],
+    h: TargetHyperParams,
+    method: str,
+    solve_with: Callable[[dict[int, torch.Tensor]], LayerSolve],
+) -> ParamDelta:
+    """Targets, statistics, then the per-layer solve that `solve_with(moments)` gives: the steps
+    MEMIT and AlphaEdit share."""
     if not requests:
-        raise ValueError("a MEMIT edit needs at least one request")
+        raise ValueError(f"{method} needs at least one request")
     if ctx.second_moments is None:
-        raise ValueError("MEMIT needs second-moment statistics, and none are available")
+        raise ValueError(f"{method} needs second-moment statistics, and none are available")
     layers = tuple(h.layers or ())
     targets = compute_targets(ctx, requests, h)
-    moments = ctx.second_moments(layers)
+    return spread(ctx, targets, layers, solve_with(ctx.second_moments(layers)))
 
-    def solve(layer: int, k: torch.Tensor, _: str) -> torch.Tensor:
-        c = moments[layer].to(k)
-        a = h.mom2_update_weight * c + k.T @ k  # [d_in, d_in]
-        return torch.linalg.solve(a, k.T).T  # [n, d_in]
 
-    return spread(ctx, targets, layers, solve)
+def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> ParamDelta:
+    def solve_with(moments: dict[int, torch.Tensor]) -> LayerSolve:
+        def solve(layer: int, k: torch.Tensor, _: str) -> torch.Tensor:
+            a = h.mom2_update_weight * moments[layer].to(k) + k.T @ k  # [d_in, d_in]
+            return torch.linalg.solve(a, k.T).T  # [n, d_in]
+
+        return solve
+
+    return edit_layers(ctx, requests, h, "MEMIT", solve_with)
