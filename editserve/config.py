@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # Keys: inference routes need api_key when it is set.
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    # Limits
+    max_request_bytes: int = Field(8 << 20, ge=1024, description="larger bodies get a 413")
+    edit_rate_per_minute: int = Field(
+        120, ge=0, description="POST/DELETE /edits per key (or client address) a minute; 0: off"
+    )
     # Folders
     cache_dir: Path = Path("~/.cache/editserve").expanduser()
     stats_corpus: Path | None = Field(
@@ -48,6 +53,28 @@ class Settings(BaseSettings):
     )
     stats_tokens: int = Field(20_000, ge=1_000, description="tokens those statistics average")
     state_dir: Path = Path("~/.local/state/editserve").expanduser()
+    allowed_dirs: list[Path] = Field(
+        default_factory=list,
+        description="when set, `model` and `stats_corpus` must lie inside one of these folders",
+    )
+
+    @model_validator(mode="after")
+    def _paths_confined(self) -> Settings:
+        # Resolved first, so neither `..` nor a symlink leads out of an allowed folder.
+        if not self.allowed_dirs:
+            return self
+        roots = [Path(root).expanduser().resolve() for root in self.allowed_dirs]
+        for name in ("model", "stats_corpus"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = Path(value).expanduser().resolve()
+            if not any(path.is_relative_to(root) for root in roots):
+                raise ValueError(
+                    f"{name} {value} lies outside the allowed folders "
+                    f"({', '.join(map(str, roots))}; EDITSERVE_ALLOWED_DIRS)"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(

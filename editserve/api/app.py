@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from editserve.api import routes_edits, routes_openai, routes_ops
 from editserve.api.deps import AppState
 from editserve.api.errors import install_error_handlers
+from editserve.api.limits import BodyLimit, RateLimiter
 from editserve.api.serving import OpenAIServing
 from editserve.config import Settings
 from editserve.edits.service import EditService
@@ -44,12 +45,16 @@ def build_app(
         metrics=metrics,
         serving=OpenAIServing(engine, metrics, model_name, memory=edits.memory),
         edits=edits,
+        edit_rate=RateLimiter(settings.edit_rate_per_minute)
+        if settings.edit_rate_per_minute
+        else None,
     )
     app.include_router(routes_openai.router)
     app.include_router(routes_edits.router)
     app.include_router(routes_ops.router)
     install_error_handlers(app)
-    app.add_middleware(AccessLog, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AccessLog, metrics=metrics)  # outermost: logs the 413s too
     return app
 
 

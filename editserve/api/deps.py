@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from editserve.api.errors import APIError
+from editserve.api.limits import RateLimiter
 from editserve.api.serving import OpenAIServing
 from editserve.config import Settings
 from editserve.edits.service import EditService
@@ -24,6 +25,7 @@ class AppState:
     metrics: ServerMetrics
     serving: OpenAIServing
     edits: EditService
+    edit_rate: RateLimiter | None = None  # None: no limit
 
 
 def get_state(request: Request) -> AppState:
@@ -81,3 +83,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host in ("localhost", "testclient")  # starlette's TestClient
+
+
+def limit_edit_rate(request: Request, state: StateDep) -> None:
+    """Edits are expensive (seconds of compute each): a per-key budget keeps one client from
+    starving the others, or the server."""
+    if state.edit_rate is not None:
+        state.edit_rate.check(request)

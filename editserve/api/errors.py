@@ -28,6 +28,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -37,6 +38,7 @@ class APIError(Exception):
             param,
             code,
         )
+        self.headers = headers
 
 
 class ClientDisconnected(Exception):
@@ -51,8 +53,8 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _json(status: int, body: dict) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body)
+def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -64,6 +66,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON ({detail})".replace(" ()", ""), None
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return "the request body is empty: send a JSON object", None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     kind = first.get("type")
@@ -82,13 +86,15 @@ _STATUS_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    507: "storage_error",
 }
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _json(exc.status, error_body(exc.message, exc.type, exc.param, exc.code))
+        body = error_body(exc.message, exc.type, exc.param, exc.code)
+        return _json(exc.status, body, exc.headers)
 
     @app.exception_handler(EditError)
     async def _edit_error(_: Request, exc: EditError) -> JSONResponse:
@@ -106,6 +112,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
             message = f"{message.lower()}: {request.method} {request.url.path}"
+        elif message == "There was an error parsing the body":  # FastAPI's words, not JSON errors
+            message = "the request body could not be read: send UTF-8 JSON nested less deeply"
         return _json(exc.status_code, error_body(message, kind))
 
     @app.exception_handler(ClientDisconnected)

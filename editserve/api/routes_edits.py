@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from editserve.api.deps import StateDep, require_admin
+from editserve.api.deps import StateDep, limit_edit_rate, require_admin
 from editserve.api.schemas import EditCreate
 
 router = APIRouter(prefix="/edits", dependencies=[Depends(require_admin)])
 
 
-@router.post("")
+@router.post("", dependencies=[Depends(limit_edit_rate)])
 async def create_edit(body: EditCreate, state: StateDep) -> dict:
     return await state.edits.create(
         body.method,
@@ -32,6 +32,6 @@ async def get_edit(edit_id: str, state: StateDep) -> dict:
     return state.edits.get(edit_id)
 
 
-@router.delete("/{edit_id}")
+@router.delete("/{edit_id}", dependencies=[Depends(limit_edit_rate)])
 async def delete_edit(edit_id: str, state: StateDep, rebase: bool = False) -> dict:
     return await state.edits.undo(edit_id, rebase=rebase)

@@ -20,6 +20,8 @@ async def health(state: StateDep) -> dict:
         "model_version": engine.model_version,
         "running": engine.num_running,
         "waiting": engine.num_waiting,
+        # Journaled edits refused at start (damaged payload): serving goes on without them.
+        "edits_not_replayed": sorted(state.edits.unreplayed),
     }
 
 

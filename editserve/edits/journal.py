@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from editserve.faults import crash_point
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS edits (
@@ -117,14 +119,21 @@ class Journal:
     def begin(
         self, edit_id: str, method: str, kind: str, spec: dict, payload: dict[str, torch.Tensor]
     ) -> None:
-        """Writes the payload durably, then the row as pending."""
-        digest = write_payload(self.payload_path(edit_id), payload)
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO edits (id, method, kind, spec, status, payload_sha256, created_at) "
-                "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                (edit_id, method, kind, json.dumps(spec), digest, time.time()),
-            )
+        """Writes the payload durably, then the row as pending. On failure (a full or read-only
+        folder) it leaves nothing behind and raises OSError or sqlite3.Error."""
+        path = self.payload_path(edit_id)
+        digest = write_payload(path, payload)
+        crash_point("after_payload")
+        try:
+            with self._transaction():
+                self._db.execute(
+                    "INSERT INTO edits (id, method, kind, spec, status, payload_sha256, created_at)"
+                    " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                    (edit_id, method, kind, json.dumps(spec), digest, time.time()),
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     def mark_applied(self, edit_id: str) -> int:
         """Commits the edit; returns the new model version."""
@@ -242,13 +251,19 @@ def _row(seq, id_, method, kind, spec, status, created, applied, undone, version
 
 
 def write_payload(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Writes beside `path`, fsyncs, renames over it, fsyncs the folder; returns the sha256."""
+    """Writes beside `path`, fsyncs, renames over it, fsyncs the folder; returns the sha256.
+
+    A failed write (ENOSPC, EROFS, ...) removes its staging file and leaves `path` as it was."""
     staging = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging)
-    with staging.open("rb") as handle:
-        os.fsync(handle.fileno())
-    digest = _sha256(staging)
-    os.replace(staging, path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging)
+        with staging.open("rb") as handle:
+            os.fsync(handle.fileno())
+        digest = _sha256(staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from editserve.architectures import resolve
 from editserve.edits.journal import CorruptPayload, Journal, fingerprint
@@ -30,6 +33,7 @@ from editserve.engine.request import OutputStream
 from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.engine.workbench import added_delta, make_workbench
+from editserve.faults import crash_point
 from memory.encoder import SentenceEncoder
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.memory_common import MemoryPayload
@@ -48,6 +52,8 @@ CHECK_TOKENS = 24  # answers compared in checks
 UNCHANGED_TOKENS = 16  # a probe is unchanged when its first 16 greedy tokens are
 MAX_TARGET_TOKENS = 48
 MAX_PROMPT_CHARS = 2000
+# What a full, read-only or vanished state folder raises while the journal writes.
+STORAGE_ERRORS = (OSError, sqlite3.Error, SafetensorError)
 
 
 class EditError(Exception):
@@ -111,6 +117,8 @@ class EditService:
             edited_keys=self.ledger.edited_keys,
         )
         self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder)
+        # Journaled as applied but refused at replay (a damaged payload): id -> why.
+        self.unreplayed: dict[str, str] = {}
 
     def second_moments(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """E[kkᵀ] per layer from the cache on disk, computed there on first use (on the model as
@@ -164,8 +172,15 @@ class EditService:
                 else:
                     self.ledger.apply(row.id, ParamDelta.from_tensors(tensors))
                 replayed += 1
-            except (CorruptPayload, DeltaRejected, ValueError, KeyError) as exc:
-                log.error("edit %s NOT replayed: %s", row.id, exc)
+            except Exception as exc:  # noqa: BLE001 (one bad edit must not stop the others)
+                reason = str(exc) if isinstance(exc, CorruptPayload) else f"{exc!r}"
+                log.error(
+                    "edit %s NOT replayed, the model serves without it: %s (DELETE it to drop "
+                    "it from the journal)",
+                    row.id,
+                    reason,
+                )
+                self.unreplayed[row.id] = reason
         if self.memory.has_prompt_entries():
             self.memory.encoder.load()  # now, not on the first chat request
         self.engine.model_version = self.journal.version
@@ -291,7 +306,10 @@ class EditService:
             if isinstance(result, MemoryPayload):
                 summary["memory"] = describe(method, result)
             if not dry_run:
-                self.journal.set_summary(edit_id, summary)
+                try:
+                    self.journal.set_summary(edit_id, summary)
+                except STORAGE_ERRORS as exc:  # the edit is committed; only its report is lost
+                    log.warning("edit %s: its checks could not be stored: %s", edit_id, exc)
         public = (
             self.get(edit_id)
             if not dry_run
@@ -324,24 +342,56 @@ class EditService:
     ) -> int:
         memory = isinstance(result, MemoryPayload)
         tensors = result.tensors if memory else result.to_tensors()
-        await asyncio.to_thread(
-            self.journal.begin, edit_id, edit.method, edit.kind, record, tensors
-        )
+        crash_point("before_payload")
+        with self._storage("the edit could not be saved"):
+            await asyncio.to_thread(
+                self.journal.begin, edit_id, edit.method, edit.kind, record, tensors
+            )
+        crash_point("after_row")
 
         def apply() -> int:
             if memory:
                 self.memory.register(edit_id, edit.method, result)
             else:
                 self.ledger.apply(edit_id, result)
-            version = self.journal.mark_applied(edit_id)
+            crash_point("during_apply")
+            try:
+                version = self.journal.mark_applied(edit_id)
+            except BaseException:
+                self._take_back(edit_id, memory)  # live weights back as the journal says
+                raise
             self.engine.model_version = version
             return version
 
         try:
-            return await asyncio.wrap_future(self.engine.run_exclusive(apply))
+            with self._storage("the edit could not be committed"):
+                return await asyncio.wrap_future(self.engine.run_exclusive(apply))
         except BaseException:
-            self.journal.mark_failed(edit_id)
+            try:
+                self.journal.mark_failed(edit_id)
+            except STORAGE_ERRORS as exc:  # left pending: the next start drops it
+                log.error("edit %s could not be marked failed: %s", edit_id, exc)
             raise
+
+    def _take_back(self, edit_id: str, memory: bool) -> None:
+        if memory:
+            self.memory.remove(edit_id)
+        else:
+            self.ledger.revert(edit_id)
+
+    @contextmanager
+    def _storage(self, what: str) -> Iterator[None]:
+        """A full or read-only state folder: a 507 that says so (the caller changed nothing)."""
+        try:
+            yield
+        except STORAGE_ERRORS as exc:
+            log.error("%s: %s", what, exc)
+            raise EditError(
+                507,
+                f"{what}: the state folder {self.journal.state_dir} refused the write ({exc}); "
+                "nothing was changed and the server keeps serving. Free space or fix its "
+                "permissions, then retry.",
+            ) from exc
 
     # -- undo --------------------------------------------------------------------------------------
 
@@ -359,17 +409,21 @@ class EditService:
                 r for r in later if METHODS[self.journal.get(r).method].payload == "params"
             ]
 
+            memory = METHODS[row.method].payload == "memory"
+
             def revert() -> int:
-                if METHODS[row.method].payload == "memory":
-                    self.memory.remove(edit_id)
-                else:
-                    self.ledger.revert(edit_id)
+                # The journal first: if it cannot record the undo, nothing changed; a crash
+                # after it restarts without the edit, as the journal says.
                 version = self.journal.mark_undone(edit_id)
+                crash_point("during_undo")
+                if self.unreplayed.pop(edit_id, None) is None:  # else never in the live model
+                    self._take_back(edit_id, memory)
                 self.engine.model_version = version
                 return version
 
             t = time.monotonic()
-            version = await asyncio.wrap_future(self.engine.run_exclusive(revert))
+            with self._storage("the undo could not be saved"):
+                version = await asyncio.wrap_future(self.engine.run_exclusive(revert))
             undo_s = time.monotonic() - t
             rebased = await self._rebase(later_params) if rebase and later_params else []
         return {
@@ -422,12 +476,15 @@ class EditService:
         return self._public(row)
 
     def _public(self, row: Any) -> dict:
+        not_replayed = self.unreplayed.get(row.id)
         return {
             "id": row.id,
             "object": "edit",
             "method": row.method,
             "kind": row.kind,
-            "status": row.status,
+            # "not_replayed": journaled as applied, but its payload was refused at start.
+            "status": "not_replayed" if not_replayed else row.status,
+            **({"error": not_replayed} if not_replayed else {}),
             "created_at": row.created_at,
             "applied_at": row.applied_at,
             "undone_at": row.undone_at,
