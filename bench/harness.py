@@ -47,7 +47,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "editserve.cli", "serve", "--port", str(self.port)]
         if model_path:
             cmd += ["--model", model_path]
-        env = {**os.environ, **(env or {})}
+        # Benchmarks measure the server, not its per-key edit rate limit.
+        env = {**os.environ, "EDITSERVE_EDIT_RATE_PER_MINUTE": "0", **(env or {})}
         if api_key:
             env["EDITSERVE_API_KEY"] = api_key
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)

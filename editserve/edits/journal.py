@@ -198,6 +198,23 @@ class Journal:
     def pending(self) -> list[EditRow]:
         return self._rows("WHERE status='pending'", ())
 
+    def sweep(self) -> list[str]:
+        """Deletes payload files no live row names: leftovers of a crash between writing a
+        payload and inserting its row, or mid-write staging files. Returns their names."""
+        with self._lock:
+            keep = {
+                f"{edit_id}.safetensors"
+                for (edit_id,) in self._db.execute(
+                    "SELECT id FROM edits WHERE status IN ('pending', 'applied', 'undone')"
+                )
+            }
+        removed = []
+        for path in self.payload_dir.iterdir():
+            if path.is_file() and path.name not in keep:
+                path.unlink()
+                removed.append(path.name)
+        return removed
+
     def load_payload(self, edit_id: str) -> dict[str, torch.Tensor]:
         path = self.payload_path(edit_id)
         with self._lock:

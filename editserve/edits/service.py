@@ -159,6 +159,8 @@ class EditService:
                 "edit %s was never committed (the server stopped mid-edit): dropped", row.id
             )
             self.journal.mark_failed(row.id)
+        for name in self.journal.sweep():
+            log.warning("removed %s: a payload no journal row names (left by a crash)", name)
         replayed = 0
         for row in self.journal.list(("applied",)):
             spec = METHODS.get(row.method)

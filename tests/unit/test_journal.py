@@ -57,3 +57,21 @@ def test_a_journal_belongs_to_one_base_model(tmp_path: Path) -> None:
     journal.bind(fingerprint(tiny_model("llama", seed=0).model))  # same weights: fine
     with pytest.raises(JournalMismatch, match="another base model"):
         journal.bind(fingerprint(tiny_model("llama", seed=1).model))
+
+
+def test_sweep_removes_only_payloads_without_a_live_row(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    for edit_id in ("kept", "undone", "pending"):
+        journal.begin(edit_id, "rome", "modify", {}, payload())
+    journal.mark_applied("kept")
+    journal.mark_applied("undone")
+    journal.mark_undone("undone")
+    # A crash after the payload was written but before its row; a crash mid-write.
+    (journal.payload_dir / "orphan.safetensors").write_bytes(b"x")
+    (journal.payload_dir / "half.tmp").write_bytes(b"x")
+    assert sorted(journal.sweep()) == ["half.tmp", "orphan.safetensors"]
+    assert sorted(p.name for p in journal.payload_dir.iterdir()) == [
+        "kept.safetensors",
+        "pending.safetensors",
+        "undone.safetensors",
+    ]
