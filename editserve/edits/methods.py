@@ -32,6 +32,9 @@ class MethodSpec:
     compute: Compute
     description: str
     payload: str = "params"  # "params" (ParamDelta) or "memory" (MemoryPayload)
+    # Applying it waits for in-flight requests (it changes what a running generation computes:
+    # weights, a layer codebook). Prompt memory only changes what new requests are fed.
+    drains: bool = True
 
 
 def _lazy(module: str, name: str) -> Callable:
@@ -86,6 +89,7 @@ METHODS: dict[str, MethodSpec] = {
         compute=_lazy("methods.ike", "compute_ike"),
         description="in-context editing: retrieved facts with demonstrations in the chat",
         payload="memory",
+        drains=False,
     ),
     "ice": MethodSpec(
         name="ice",
@@ -95,6 +99,7 @@ METHODS: dict[str, MethodSpec] = {
         compute=_lazy("methods.ike", "compute_ike"),
         description="in-context editing without demonstrations: retrieved facts in the chat",
         payload="memory",
+        drains=False,
     ),
     "serac": MethodSpec(
         name="serac",
@@ -105,6 +110,7 @@ METHODS: dict[str, MethodSpec] = {
         description="scope classifier over an edit memory; in scope, the model conditioned "
         "on the edit answers",
         payload="memory",
+        drains=False,
     ),
     "grace": MethodSpec(
         name="grace",

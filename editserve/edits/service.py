@@ -16,7 +16,8 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
@@ -367,13 +368,20 @@ class EditService:
 
         try:
             with self._storage("the edit could not be committed"):
-                return await asyncio.wrap_future(self.engine.run_exclusive(apply))
+                return await asyncio.wrap_future(self._run_on_engine(edit.method, apply))
         except BaseException:
             try:
                 self.journal.mark_failed(edit_id)
             except STORAGE_ERRORS as exc:  # left pending: the next start drops it
                 log.error("edit %s could not be marked failed: %s", edit_id, exc)
             raise
+
+    def _run_on_engine(self, method: str, change: Callable[[], int]) -> Future:
+        """Weights and codebooks change with no request in flight; prompt memory between two
+        decode steps, without making running requests finish first."""
+        if METHODS[method].drains:
+            return self.engine.run_exclusive(change)
+        return self.engine.run_between_steps(change)
 
     def _take_back(self, edit_id: str, memory: bool) -> None:
         if memory:
@@ -425,7 +433,7 @@ class EditService:
 
             t = time.monotonic()
             with self._storage("the undo could not be saved"):
-                version = await asyncio.wrap_future(self.engine.run_exclusive(revert))
+                version = await asyncio.wrap_future(self._run_on_engine(row.method, revert))
             undo_s = time.monotonic() - t
             rebased = await self._rebase(later_params) if rebase and later_params else []
         return {

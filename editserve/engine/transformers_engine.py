@@ -68,6 +68,7 @@ class TransformersEngine:
         self._waiting: deque[RequestHandle] = deque()
         self._running: list[_Running] = []
         self._exclusive: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._between: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -85,9 +86,10 @@ class TransformersEngine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        for _, future in self._exclusive:
+        for _, future in (*self._exclusive, *self._between):
             future.set_exception(RuntimeError("the engine stopped"))
         self._exclusive.clear()
+        self._between.clear()
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Future:
         """Runs `fn` on the engine thread with no request in flight: the way weights change.
@@ -99,6 +101,16 @@ class TransformersEngine:
         future: Future = Future()
         with self._wake:
             self._exclusive.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def run_between_steps(self, fn: Callable[[], Any]) -> Future:
+        """Runs `fn` on the engine thread between two decode steps, before the next admission,
+        without draining: for changes that only new requests can see (prompt memory: a running
+        request's prompt is fixed). Requests admitted after it get the version `fn` sets."""
+        future: Future = Future()
+        with self._wake:
+            self._between.append((fn, future))
             self._wake.notify()
         return future
 
@@ -141,11 +153,19 @@ class TransformersEngine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not (self._stopping or self._waiting or self._running or self._exclusive):
+                    while not (
+                        self._stopping
+                        or self._waiting
+                        or self._running
+                        or self._exclusive
+                        or self._between
+                    ):
                         self._cache.shrink()  # idle: give grown cache memory back
                         self._wake.wait()
                     if self._stopping:
                         return
+                    while self._between:  # before admitting: newcomers see the change
+                        self._run_exclusive(*self._between.popleft())
                     operation = (
                         self._exclusive.popleft() if self._exclusive and not self._running else None
                     )

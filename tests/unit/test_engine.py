@@ -172,3 +172,37 @@ def test_many_requests_beyond_max_batch_all_finish(engine: TransformersEngine) -
     jobs = [(prompts(engine)[i % 4], greedy(3 + i % 5)) for i in range(20)]  # max_batch is 8
     results = run(engine, jobs)
     assert [len(r.token_ids) for r in results] == [3 + i % 5 for i in range(20)]
+
+
+def test_weight_changes_wait_for_running_requests_and_prompt_changes_do_not(
+    engine: TransformersEngine,
+) -> None:
+    """run_exclusive waits until the running batch drains; run_between_steps lands between two
+    decode steps of a running request. Either way, later requests get the version it set."""
+    prompt = prompts(engine)[3]
+
+    async def go(run_change) -> tuple[int, int, int]:  # noqa: ANN001
+        first = OutputStream()
+        handle = engine.submit(prompt, greedy(60), first)
+        tokens = 0
+        async for _, chunk in first:  # wait until it is decoding
+            tokens += len(chunk.token_ids)
+            if tokens >= 5:
+                break
+
+        def change() -> int:
+            engine.model_version += 1
+            return engine.num_running  # requests in flight while the change runs
+
+        left = await asyncio.wrap_future(run_change(change))
+        async for _ in first:
+            pass
+        later = OutputStream()
+        late = engine.submit(prompt, greedy(2), later)
+        await later.results()
+        return left, handle.model_version, late.model_version
+
+    in_flight, old, new = asyncio.run(go(engine.run_exclusive))
+    assert in_flight == 0 and new == old + 1  # the running request had finished first
+    in_flight, old, new = asyncio.run(go(engine.run_between_steps))
+    assert in_flight == 1 and new == old + 1  # it ran while the request was still decoding
