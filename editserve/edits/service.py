@@ -416,7 +416,10 @@ class EditService:
             # Only weight deltas are recomputed on a rebase: prompt memory does not depend on
             # the weights, and GRACE entries keep their keys (see README, "Order").
             later_params = [
-                r for r in later if METHODS[self.journal.get(r).method].payload == "params"
+                r
+                for r in later
+                if METHODS[self.journal.get(r).method].payload == "params"
+                and r not in self.unreplayed  # not in the live weights: nothing to rebase
             ]
 
             memory = METHODS[row.method].payload == "memory"
