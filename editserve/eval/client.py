@@ -106,6 +106,7 @@ class EvalClient:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> str:
         """A raw-text continuation (no chat template)."""
         body = {
@@ -114,6 +115,7 @@ class EvalClient:
             "max_tokens": max_tokens,
             "temperature": temperature,
             "top_p": top_p,
+            "ignore_eos": ignore_eos,
         }
         if seed is not None:
             body["seed"] = seed

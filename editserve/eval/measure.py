@@ -61,7 +61,12 @@ async def _mean_logprob(client: EvalClient, prompt: str, text: str) -> float:
 async def _fluency(client: EvalClient, prompt: str, s: MeasureSettings, index: int) -> dict:
     raw, chat = await asyncio.gather(
         client.complete(
-            prompt, s.fluency_tokens, temperature=1.0, top_p=s.top_p, seed=s.seed + index
+            prompt,
+            s.fluency_tokens,
+            temperature=1.0,
+            top_p=s.top_p,
+            seed=s.seed + index,
+            ignore_eos=True,  # ROME's sampler runs to its length; an instruct model stops at "?"
         ),
         client.answer(prompt, s.fluency_tokens),
     )

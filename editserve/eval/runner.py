@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
 from editserve.eval import datasets, report
@@ -99,6 +100,11 @@ class Run:
         if path.is_file():
             saved = json.loads(path.read_text())
             differ = [k for k in ident if saved["identity"].get(k) != ident[k]]
+            if differ == ["n"] and not self.cfg.sequential:
+                # Records are a file's first N: an independent run grows or shrinks freely.
+                saved["identity"]["n"] = ident["n"]
+                write_json(path, saved)
+                return saved
             if differ:
                 raise ResumeError(
                     f"{self.cfg.out} holds a different run (differs in {', '.join(differ)}); "
@@ -277,9 +283,14 @@ class Run:
         }
 
 
-async def evaluate(cfg: RunConfig) -> dict[str, Any]:
-    """Runs (or resumes) one evaluation; writes results.json and results.md; returns the former."""
-    client = EvalClient(cfg.server, cfg.api_key, cfg.admin_key, cfg.concurrency)
+async def evaluate(
+    cfg: RunConfig, transport: httpx.AsyncBaseTransport | None = None
+) -> dict[str, Any]:
+    """Runs (or resumes) one evaluation; writes results.json and results.md; returns the former.
+    `transport`: for tests, an in-process stand-in for the server."""
+    client = EvalClient(
+        cfg.server, cfg.api_key, cfg.admin_key, cfg.concurrency, transport=transport
+    )
     try:
         await client.start()
         job = Run(cfg, client)
