@@ -169,6 +169,14 @@ class Run:
             self.client.versions.clear()
             post = await measure(self.client, record, self.cfg.settings)
             versions = sorted(self.client.versions)
+            if versions != [edit["model_version"]]:
+                # Another client changed the model while this edit was scored.
+                log.warning(
+                    "record %d was scored on model versions %s, not only %s (its edit's)",
+                    record.index,
+                    versions,
+                    edit["model_version"],
+                )
             await self.client.delete_edit(edit["id"])
             pending.unlink()
             rows_log.append(
