@@ -132,6 +132,9 @@ def render(args: argparse.Namespace) -> str:
         "edit the server applied. How each metric is measured, and where it departs from "
         "KnowEdit: [docs/eval.md](eval.md).\n",
         report.LEGEND + "\n",
+        "IKE, ICE and SERAC condition chat prompts only, so their TF columns (raw-text "
+        "/v1/completions) equal the unedited model's by design; their gen columns are their "
+        "measure. GRACE's hook acts on both.\n",
     ]
     missing = []
     for name in DATASETS:
