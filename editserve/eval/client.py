@@ -9,7 +9,7 @@ get them); teacher-forced scores from /v1/completions with `echo`, `logprobs: 1`
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -32,12 +32,6 @@ class TargetScore:
     @property
     def hits(self) -> list[bool]:
         return [t == a for t, a in zip(self.tokens, self.top1, strict=True)]
-
-
-@dataclass
-class Answer:
-    text: str
-    tokens: list[str] = field(default_factory=list)  # with logprobs requested: the token texts
 
 
 class EvalClient:
@@ -79,7 +73,7 @@ class EvalClient:
 
     # -- generation ------------------------------------------------------------------------------
 
-    async def chat(self, question: str, max_tokens: int, with_tokens: bool = False) -> Answer:
+    async def answer(self, question: str, max_tokens: int) -> str:
         """The greedy chat answer to one user message."""
         body = {
             "model": self.model,
@@ -87,14 +81,7 @@ class EvalClient:
             "temperature": 0,
             "max_tokens": max_tokens,
         }
-        if with_tokens:
-            body |= {"logprobs": True, "top_logprobs": 0}
-        choice = (await self._post("/v1/chat/completions", body))["choices"][0]
-        tokens = [t["token"] for t in (choice.get("logprobs") or {}).get("content") or []]
-        return Answer(choice["message"]["content"], tokens)
-
-    async def answer(self, question: str, max_tokens: int) -> str:
-        return (await self.chat(question, max_tokens)).text
+        return (await self._post("/v1/chat/completions", body))["choices"][0]["message"]["content"]
 
     async def answers(self, questions: list[str], max_tokens: int) -> list[str]:
         return list(await asyncio.gather(*(self.answer(q, max_tokens) for q in questions)))
