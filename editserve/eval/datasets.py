@@ -136,27 +136,64 @@ def _convsent(i: int, r: dict, limit: int | None, rng: random.Random) -> EvalRec
     )
 
 
-_QUESTION_WORDS = {"What", "Which", "Who", "Whom", "Whose", "Where", "When", "Why", "How", "In"}
+# Words that open a question or sentence and are capitalised only for that reason.
+_OPENERS = {
+    "A",
+    "An",
+    "The",
+    "If",
+    "For",
+    "In",
+    "On",
+    "At",
+    "By",
+    "Before",
+    "After",
+    "According",
+    "What",
+    "Which",
+    "Who",
+    "Whom",
+    "Whose",
+    "Where",
+    "When",
+    "Why",
+    "How",
+}
+_IS_A_X = re.compile(r"\b(?:is|are|was|were) (?:a|an|the) ([\w'-]+)\s*\?\s*$")
+_A_X_IS = re.compile(r"^(?:A|An|The) ([\w'-]+) (?:is|are|was|were)\b")
 
 
 def guess_subject(question: str) -> str:
     """Sanitation questions carry no subject; ROME-like methods need one that occurs in the
-    prompt. The longest run of capitalised words (not the question word), else the last two
-    words."""
-    words = re.findall(r"[\w'’.-]+", question)
+    prompt. In order: the X of "... is a X?" or "A X is ...", the longest run of capitalised
+    words (not a sentence opener; with a final lower-case word before the "?", as in "the
+    Australian currawong?"), else the longest word."""
+    for pattern in (_IS_A_X, _A_X_IS):
+        if m := pattern.search(question):
+            return m.group(1)
+    words = re.findall(r"[\w'-]+", question)
     runs, run = [], []
     for j, w in enumerate(words):
-        if w[:1].isupper() and not (j == 0 and w in _QUESTION_WORDS):
+        if w[:1].isupper() and not (j == 0 and w in _OPENERS):
             run.append(w)
-        else:
-            runs, run = runs + [run] if run else runs, []
-    runs = runs + [run] if run else runs
+            continue
+        after_article = j - len(run) - 1 >= 0 and words[j - len(run) - 1].lower() in (
+            "a",
+            "an",
+            "the",
+        )
+        if run and after_article and j == len(words) - 1 and question.rstrip().endswith("?"):
+            run.append(w)  # "the Australian currawong?": the noun the adjective belongs to
+        if run:
+            runs.append(run)
+        run = []
+    if run:
+        runs.append(run)
     for candidate in sorted(runs, key=len, reverse=True):
-        text = " ".join(candidate)
-        if text in question:
+        if (text := " ".join(candidate)) in question:
             return text
-    tail = " ".join(words[-2:])
-    return tail if tail in question else words[-1]
+    return max(reversed(words), key=len)
 
 
 def _sanitation(data: dict, limit: int | None, seed: int) -> list[EvalRecord]:

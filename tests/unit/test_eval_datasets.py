@@ -150,6 +150,12 @@ def test_mquake_edits_every_rewrite_and_ports_to_the_multi_hop_question(tmp_path
 
 def test_guess_subject_occurs_in_the_question() -> None:
     assert guess_subject("Which river flows through Paris?") == "Paris"
+    assert guess_subject("What sort of creature is a killdeer?") == "killdeer"
+    assert guess_subject("A seriema is what type of creature?") == "seriema"
+    assert guess_subject("What type of creature is the Australian currawong?") == (
+        "Australian currawong"
+    )
+    assert guess_subject("For what commodity is Alkmaar in Holland famous?") == "Alkmaar"
     q = "what colour is a ripe banana?"
     assert guess_subject(q) in q
 
