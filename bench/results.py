@@ -168,6 +168,19 @@ def render(args: argparse.Namespace) -> str:
     not_run = [f"datasets with no run: {', '.join(missing)}"] if missing else []
     if absent:
         not_run.append(f"sequential curves not run: {', '.join(absent)}")
+    small = [
+        f"{name} n={r['n']}"
+        for name in DATASETS
+        for m in METHODS.split(",")
+        if (r := results(args.work / name / m)) and r["n"] < 100
+    ]
+    small += [f"{m} sequential to {r['n']}" for m, r in seq if r["n"] < 1000]
+    if small:
+        not_run.append(
+            "the full sizes: this is a slice (" + ", ".join(dict.fromkeys(small)) + "); "
+            "`python bench/results.py` with no options runs 100 records of every file with every "
+            "method and the sequential curves to 1,000 edits"
+        )
     if not_run:
         parts.append("## Not run\n\n" + "".join(f"- {line}\n" for line in not_run))
     return "\n".join(parts)
