@@ -120,7 +120,7 @@ class Run:
         write_json(path, run)
         return run
 
-    def _load_baseline(self) -> None:
+    def load_baseline(self) -> None:
         meta = {
             k: v for k, v in self.identity().items() if k not in ("method", "sequential", "hparams")
         }
@@ -225,12 +225,19 @@ class Run:
             await self._baseline(record)
             bar.update()
         bar.close()
-        done_checkpoints = {e["edits"] for e in events if e["event"] == "checkpoint"}
+        done = {e["edits"] for e in events if e["event"] == "checkpoint"}
         marks = {k for k in self.cfg.checkpoints if k <= len(self.records)} | {len(self.records)}
+
+        async def checkpoint_if_due() -> None:
+            # A checkpoint scores the model right after its edit, before the next one: so an
+            # interrupted checkpoint is taken again before any further edit.
+            if len(edits) in marks and len(edits) not in done:
+                seq_log.append(await self._checkpoint(edits))
+                done.add(len(edits))
+
+        await checkpoint_if_due()
         bar = self._bar(len(self.records), f"{self.cfg.method} sequential", len(edits))
-        for position, record in enumerate(self.records):
-            if position < len(edits):
-                continue
+        for record in self.records[len(edits) :]:
             try:
                 edit = await self.client.post_edit(
                     self.cfg.method, list(record.requests), record.kind, self.cfg.hparams
@@ -247,16 +254,8 @@ class Run:
             seq_log.append(event)
             edits.append(event)
             bar.update()
-            count = position + 1
-            if count in marks and count not in done_checkpoints:
-                seq_log.append(await self._checkpoint(edits))
+            await checkpoint_if_due()
         bar.close()
-        # A run interrupted after its last edit but before that checkpoint finishes it here.
-        events = seq_log.read()
-        have = {e["edits"] for e in events if e["event"] == "checkpoint"}
-        for count in sorted(marks - have):
-            if count <= len(edits):
-                seq_log.append(await self._checkpoint(edits[:count]))
         if self.cfg.cleanup:
             for e in reversed(edits):
                 if "edit_id" in e:
@@ -303,7 +302,7 @@ async def evaluate(
         await client.start()
         job = Run(cfg, client)
         run = await job.open()
-        job._load_baseline()
+        job.load_baseline()
         result: dict[str, Any] = {**run["identity"], "preexisting_edits": run["preexisting_edits"]}
         if cfg.sequential:
             checkpoints = await job.sequential(run)

@@ -19,6 +19,8 @@ class FakeServer:
         self.posts = 0  # POST /edits received
         self.fail_on_post: int | None = None  # the Nth POST /edits raises (a crash)
         self.fail_on_delete = False
+        self.chats = 0  # chat completions served
+        self.fail_on_chat: int | None = None  # the Nth chat completion raises
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -71,6 +73,9 @@ class FakeServer:
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "fake"}]})
         if path == "/v1/chat/completions":
+            self.chats += 1
+            if self.fail_on_chat == self.chats:
+                raise httpx.ConnectError("the server went away")
             question = body["messages"][-1]["content"]
             text = f"The answer is {self.answer(question)}."
             return httpx.Response(

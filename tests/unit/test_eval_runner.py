@@ -137,6 +137,26 @@ def test_sequential_resume_continues_and_refuses_a_different_server(
         run(cfg, server)
 
 
+def test_an_interrupted_checkpoint_is_taken_before_the_next_edit(
+    data: Path, tmp_path: Path
+) -> None:
+    server = FakeServer(FACTS)
+    cfg = config(data, tmp_path / "out", sequential=True, checkpoints=(2,))
+    # 4 chat answers per record: 16 for the unedited model, then the checkpoint after 2 edits.
+    server.fail_on_chat = 16 + 3
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    assert server.posts == 2
+    server.fail_on_chat = None
+    result = run(cfg, server)
+    two = json.loads((tmp_path / "out" / "results.json").read_text())["sequential"][0]
+    assert two["edits"] == 2 and two["applied"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "out" / "sequence.jsonl").read_text().splitlines()]
+    checkpoint = next(e for e in lines if e["event"] == "checkpoint")
+    assert checkpoint["versions"] == [2]  # scored on the model with exactly two edits
+    assert [c["edits"] for c in result["sequential"]] == [2, 4]
+
+
 def test_sequential_cleanup_undoes_the_run(data: Path, tmp_path: Path) -> None:
     server = FakeServer(FACTS)
     run(config(data, tmp_path / "out", sequential=True, cleanup=True), server)
