@@ -33,6 +33,8 @@ from typing import Any
 from edits import DATA, UNRELATED, Api, chat_template_for, load_records
 from harness import ServerProcess, machine_info
 
+from editserve.eval.metrics import contains_answer, mean
+
 WIKI = DATA.parents[2] / "corpus_wikitext" / "wiki.valid.dev.raw"
 LOCALITY_TOKENS = 16
 ANSWER_TOKENS = 24
@@ -89,9 +91,7 @@ class Scorer:
         )
         result["teacher_forced"] = sum(accuracy) / len(accuracy)
         after = await api.answers(self.probes, LOCALITY_TOKENS)
-        result["locality"] = sum(a == b for a, b in zip(self.before, after, strict=True)) / len(
-            self.probes
-        )
+        result["locality"] = mean(float(a == b) for a, b in zip(self.before, after, strict=True))
         agreement = await asyncio.gather(
             *(
                 api.target_accuracy(self.chat_template(q), answer)
@@ -104,7 +104,7 @@ class Scorer:
 
 def _hits(records: list[dict], answers: list[str]) -> list[bool]:
     return [
-        r["target_new"].strip().lower() in a.lower() for r, a in zip(records, answers, strict=True)
+        contains_answer(a, [r["target_new"].strip()]) for r, a in zip(records, answers, strict=True)
     ]
 
 
@@ -166,7 +166,8 @@ async def run_sequential(
 
 
 async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
-    api = Api(url, args.admin_key)
+    api = Api(url, admin_key=args.admin_key)
+    api.client.headers.update(api.admin_headers)  # the bench also calls /edits itself
     await api.start()
     probes = UNRELATED + [r["prompt"] for r in load_records(630, args.data)[600:630]]
     scorer = Scorer(api, chat_template_for(None), probes)
@@ -185,7 +186,7 @@ async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
             method: await run_sequential(scorer, method, records[: args.sequential], args.seq_batch)
             for method in args.seq_methods.split(",")
         }
-    await api.client.aclose()
+    await api.close()
     return result
 
 

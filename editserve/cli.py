@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from editserve import client_cli
 from editserve.config import ConfigError, Settings
+from editserve.eval import cli as eval_cli
 
 log = logging.getLogger("editserve")
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     _stats_parser(sub)
     client_cli.add_parsers(sub)
+    eval_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

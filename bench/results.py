@@ -1,0 +1,216 @@
+"""Generates docs/results.md: `editserve eval` of every method on every dataset, and the
+sequential curve, on the embedded model, each table with the unedited model beside it.
+
+    python bench/results.py                      # the full grid (many hours on a CPU)
+    python bench/results.py --n 10 --methods rome,ike --datasets zsre --seq-methods rome --seq-n 10
+
+It starts its own servers (fresh journals kept under --work), runs each evaluation into its own
+folder there, and renders the Markdown from whatever those folders hold. Interrupted, it resumes:
+rerun the same command (finished runs are read back, unfinished ones continue, and a sequential
+run's server restarts on its own journal, so its edits are back). `--render-only` only renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness import ServerProcess, machine_info
+
+from editserve.eval import datasets, report
+from editserve.eval.measure import MeasureSettings
+from editserve.eval.runner import CHECKPOINTS, RunConfig, evaluate
+from editserve.eval.scoring import score, summarise
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+DATASETS = {
+    "zsre": "knowedit/zsre/ZsRE-test-all.dev.json",
+    "wiki_recent": "knowedit/wiki_recent/recent_train.dev.json",
+    "wiki_counterfact": "knowedit/wiki_counterfact/test_cf.dev.json",
+    "wikibio": "knowedit/wikibio/wikibio-test-all.dev.json",
+    "convsent": "knowedit/convsent/blender_test.dev.json",
+    "sanitation": "knowedit/sanitation/trivia_qa_test.dev.json",
+    "counterfact": "counterfact/rome_format/counterfact_portability_gpt4.dev.json",
+    "zsre_mend": "zsre_mend_format/zsre_mend_eval_portability_gpt4.dev.json",
+    "mquake": "mquake/MQuAKE-hard.dev.json",
+}
+METHODS = "rome,memit,alphaedit,ft,ike,ice,serac,grace"
+SEQ_METHODS = "rome,memit,alphaedit,grace"
+
+
+def settings(args: argparse.Namespace) -> MeasureSettings:
+    return MeasureSettings(fluency_tokens=args.fluency_tokens, seed=args.seed)
+
+
+def run_config(args: argparse.Namespace, url: str, method: str, name: str, **kw: Any) -> RunConfig:
+    folder = args.work / ("sequential" if kw.get("sequential") else name) / method
+    return RunConfig(
+        server=url,
+        method=method,
+        data=SHARED / DATASETS[name],
+        out=folder,
+        baseline=args.work / name / "baseline.jsonl",
+        settings=settings(args),
+        max_probes=args.max_probes,
+        **kw,
+    )
+
+
+def run_all(args: argparse.Namespace) -> None:
+    names = [d for d in args.datasets.split(",") if d]
+    methods = [m for m in args.methods.split(",") if m]
+    if names and methods:
+        server = ServerProcess(None, None, env={"EDITSERVE_STATE_DIR": str(args.work / "state")})
+        server.wait_ready()
+        try:
+            for name in names:
+                for method in methods:
+                    print(f"== {method} on {name} (n={args.n})", flush=True)
+                    asyncio.run(evaluate(run_config(args, server.url, method, name, n=args.n)))
+        finally:
+            server.stop()
+    for method in [m for m in args.seq_methods.split(",") if m]:
+        # One journal per sequence: its edits stay on that model, and come back on a restart.
+        state = args.work / f"state-sequential-{method}"
+        server = ServerProcess(None, None, env={"EDITSERVE_STATE_DIR": str(state)})
+        server.wait_ready()
+        try:
+            print(f"== {method} sequential to {args.seq_n} edits on zsre", flush=True)
+            cfg = run_config(
+                args,
+                server.url,
+                method,
+                "zsre",
+                n=args.seq_n,
+                sequential=True,
+                checkpoints=CHECKPOINTS,
+            )
+            asyncio.run(evaluate(cfg))
+        finally:
+            server.stop()
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def unedited(args: argparse.Namespace, name: str, n: int) -> dict[str, Any] | None:
+    """The unedited model's figures on the first n records, from the shared observations."""
+    path = args.work / name / "baseline.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    observed = {r["index"]: r["observed"] for r in rows}
+    _, records = datasets.load(SHARED / DATASETS[name], n, args.seed, args.max_probes)
+    scored = [
+        score(r, observed[r.index], observed[r.index]) for r in records if r.index in observed
+    ]
+    return summarise(scored) if scored else None
+
+
+def results(folder: Path) -> dict[str, Any] | None:
+    path = folder / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def render(args: argparse.Namespace) -> str:
+    saved = args.work / "command.txt"
+    lines = saved.read_text().splitlines() if saved.is_file() else ["python bench/results.py"]
+    command = "`, then `".join(dict.fromkeys(lines))  # every command run into this folder
+    parts = [
+        "# Results: KnowEdit-style evaluation on the embedded model\n",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d')} "
+        f"({platform.machine()}, {machine_info()['cpus_usable']} usable CPUs). Model: "
+        "SmolLM2-135M-Instruct (embedded), default hyperparameters of every method. "
+        "Each figure is a mean ×100 over the records named; `n` is the number of records whose "
+        "edit the server applied. How each metric is measured, and where it departs from "
+        "KnowEdit: [docs/eval.md](eval.md).\n",
+        report.LEGEND + "\n",
+        "IKE, ICE and SERAC condition chat prompts only, so their TF columns (raw-text "
+        "/v1/completions) equal the unedited model's by design; their gen columns are their "
+        "measure. GRACE's hook acts on both.\n",
+    ]
+    missing = []
+    for name in DATASETS:
+        found = [
+            (m, r) for m in METHODS.split(",") if (r := results(args.work / name / m)) is not None
+        ]
+        if not found:
+            missing.append(name)
+            continue
+        n = max(r["n"] for _, r in found)
+        rows = [(f"unedited (n={n})", unedited(args, name, n))]
+        rows += [(f"{m} (n={r['edits_applied']})", r["edited"]) for m, r in found]
+        parts.append(f"## {name}: `{DATASETS[name]}`, first {n} records\n")
+        parts.append(report.table(rows, "method") + "\n")
+        absent = [m for m in METHODS.split(",") if m not in dict(found)]
+        if absent:
+            parts.append(f"Not run on {name}: {', '.join(absent)}.\n")
+    seq = [(m, r) for m in SEQ_METHODS.split(",") if (r := results(args.work / "sequential" / m))]
+    if seq:
+        parts.append("## Sequential editing on zsre: every edit so far, scored after k edits\n")
+        for method, r in seq:
+            rows = []
+            for c in r["sequential"]:
+                rows += [
+                    (f"{c['edits']}: unedited", c["unedited"]),
+                    (f"{c['edits']}: {method}", c["edited"]),
+                ]
+            parts.append(f"### {method} ({r['n']} edits in sequence)\n")
+            parts.append(report.table(rows, "edits") + "\n")
+    absent = [m for m in SEQ_METHODS.split(",") if m not in dict(seq)]
+    not_run = [f"datasets with no run: {', '.join(missing)}"] if missing else []
+    if absent:
+        not_run.append(f"sequential curves not run: {', '.join(absent)}")
+    small = [
+        f"{name} n={r['n']}"
+        for name in DATASETS
+        for m in METHODS.split(",")
+        if (r := results(args.work / name / m)) and r["n"] < 100
+    ]
+    small += [f"{m} sequential to {r['n']}" for m, r in seq if r["n"] < 1000]
+    if small:
+        not_run.append(
+            "the full sizes: this is a slice (" + ", ".join(dict.fromkeys(small)) + "); "
+            "`python bench/results.py` with no options runs 100 records of every file with every "
+            "method and the sequential curves to 1,000 edits"
+        )
+    if not_run:
+        parts.append("## Not run\n\n" + "".join(f"- {line}\n" for line in not_run))
+    return "\n".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100, help="records per dataset")
+    parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--seq-methods", default=SEQ_METHODS)
+    parser.add_argument("--seq-n", type=int, default=1000)
+    parser.add_argument("--fluency-tokens", type=int, default=100)
+    parser.add_argument("--max-probes", type=int, default=5, help="per portability/locality group")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "eval")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        raise SystemExit(f"no benchmark data at {SHARED} (../shared/data is needed)")
+    if not args.render_only:
+        args.work.mkdir(parents=True, exist_ok=True)
+        with (args.work / "command.txt").open("a") as f:
+            f.write(" ".join(["python bench/results.py", *sys.argv[1:]]) + "\n")
+        run_all(args)
+    args.out.write_text(render(args))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

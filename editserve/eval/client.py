@@ -1,0 +1,173 @@
+"""The evaluation's only way to the model: the server's public HTTP API.
+
+Generated answers come from /v1/chat/completions (greedy, through the chat template, as users
+get them); teacher-forced scores from /v1/completions with `echo`, `logprobs: 1` and
+`max_tokens: 0` (one forward pass over prompt + target); edits from /edits. Every response's
+`x-editserve-model-version` is kept, so a measurement can show which weights produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+VERSION_HEADER = "x-editserve-model-version"
+
+
+class EditRefused(Exception):
+    """The server answered POST /edits with a 4xx: the edit is invalid, not the server broken."""
+
+
+@dataclass
+class TargetScore:
+    """Teacher-forced observations of a target after a prefix, one entry per target token."""
+
+    tokens: list[str]  # the target's tokens
+    top1: list[str]  # the model's argmax at each of those positions
+    logprobs: list[float]  # log p(target token | everything before it)
+
+    @property
+    def hits(self) -> list[bool]:
+        return [t == a for t, a in zip(self.tokens, self.top1, strict=True)]
+
+
+class EvalClient:
+    """Async client of one editserve server. `concurrency` bounds requests in flight (the server
+    batches them; thousands at once would only queue)."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        admin_key: str | None = None,
+        concurrency: int = 8,
+        timeout_s: float = 600,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.client = httpx.AsyncClient(base_url=url, timeout=timeout_s, transport=transport)
+        self.inference_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.admin_headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self.slots = asyncio.Semaphore(concurrency)
+        self.model = ""
+        self.versions: set[int] = set()  # model versions seen since the last reset
+
+    async def start(self) -> str:
+        r = await self.client.get("/v1/models", headers=self.inference_headers)
+        r.raise_for_status()
+        self.model = r.json()["data"][0]["id"]
+        return self.model
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with self.slots:
+            r = await self.client.post(path, json=body, headers=self.inference_headers)
+        r.raise_for_status()
+        if VERSION_HEADER in r.headers:
+            self.versions.add(int(r.headers[VERSION_HEADER]))
+        return r.json()
+
+    # -- generation ------------------------------------------------------------------------------
+
+    async def answer(self, question: str, max_tokens: int) -> str:
+        """The greedy chat answer to one user message."""
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
+        return (await self._post("/v1/chat/completions", body))["choices"][0]["message"]["content"]
+
+    async def answers(self, questions: list[str], max_tokens: int) -> list[str]:
+        return list(await asyncio.gather(*(self.answer(q, max_tokens) for q in questions)))
+
+    async def complete(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> str:
+        """A raw-text continuation (no chat template)."""
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "ignore_eos": ignore_eos,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        return (await self._post("/v1/completions", body))["choices"][0]["text"]
+
+    # -- teacher forcing -------------------------------------------------------------------------
+
+    async def score_target(self, prefix: str, target: str) -> TargetScore:
+        """Scores `prefix + target` in one forward pass; the target's tokens are those whose text
+        starts at or after the end of the prefix."""
+        body = {
+            "model": self.model,
+            "prompt": prefix + target,
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 1,
+        }
+        lp = (await self._post("/v1/completions", body))["choices"][0]["logprobs"]
+        idx = [i for i, off in enumerate(lp["text_offset"]) if off >= len(prefix) and i > 0]
+        top1 = [max(lp["top_logprobs"][i], key=lp["top_logprobs"][i].get) for i in idx]
+        return TargetScore(
+            tokens=[lp["tokens"][i] for i in idx],
+            top1=top1,
+            logprobs=[lp["token_logprobs"][i] for i in idx],
+        )
+
+    async def target_accuracy(self, prefix: str, target: str) -> float:
+        """Teacher-forced token accuracy of `target` after `prefix`."""
+        from editserve.eval.metrics import token_accuracy
+
+        return token_accuracy((await self.score_target(prefix, target)).hits)
+
+    # -- edits -----------------------------------------------------------------------------------
+
+    async def post_edit(
+        self,
+        method: str,
+        requests: list[dict[str, Any]],
+        kind: str = "modify",
+        hparams: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {"method": method, "kind": kind, "requests": requests, "checks": False}
+        if hparams:
+            body["hparams"] = hparams
+        r = await self.client.post("/edits", json=body, headers=self.admin_headers)
+        if 400 <= r.status_code < 500:
+            raise EditRefused(_message(r))
+        r.raise_for_status()
+        return r.json()
+
+    async def delete_edit(self, edit_id: str) -> dict[str, Any]:
+        r = await self.client.delete(f"/edits/{edit_id}", headers=self.admin_headers)
+        r.raise_for_status()
+        return r.json()
+
+    async def active_edits(self) -> list[str]:
+        """Ids of the edits applied now, oldest first."""
+        r = await self.client.get("/edits", headers=self.admin_headers)
+        r.raise_for_status()
+        rows = [e for e in r.json()["data"] if e["status"] == "applied"]
+        return [e["id"] for e in sorted(rows, key=lambda e: e["model_version"] or 0)]
+
+
+def _message(r: httpx.Response) -> str:
+    try:
+        return f"{r.status_code}: {r.json()['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{r.status_code}: {r.text[:300]}"

@@ -1,0 +1,98 @@
+"""Pure metric functions, matching KnowEdit/EasyEdit semantics unless a docstring says otherwise.
+
+Teacher-forced token accuracy: the fraction of target tokens that are the model's argmax given
+everything before them. Locality: agreement of the edited model with the unedited model (argmax
+tokens, or whole generated answers), not with a ground truth. Fluency: ROME's `n_gram_entropy`,
+(2/3 H2 + 4/3 H3) / 2 over word bigrams and trigrams, base 2. ConvSent: SERAC's sentiment edit
+success. Generated answers: normalised containment of any accepted answer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize(text: str) -> str:
+    """SQuAD-style: lower case, punctuation to spaces, no articles, single spaces."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+
+def contains_answer(answer: str, accepted: Iterable[str]) -> bool:
+    """Whether the generated answer contains any accepted answer as whole words (normalised).
+
+    KnowEdit's LLM-judge fallback is exact match on the first sentence; a chat model answers in
+    sentences ("The capital of France is Paris."), so containment is what a reader would accept.
+    """
+    padded = f" {normalize(answer)} "
+    return any(f" {n} " in padded for n in (normalize(a) for a in accepted) if n)
+
+
+def token_accuracy(hits: Sequence[bool]) -> float:
+    """Teacher-forced accuracy: the share of target tokens that were the argmax (0 if none)."""
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def agreement(before: Sequence[str], after: Sequence[str]) -> float:
+    """Position-wise agreement of two argmax token sequences (EasyEdit's locality)."""
+    if not before:
+        return 1.0 if not after else 0.0
+    same = sum(a == b for a, b in zip(before, after, strict=False))
+    return same / max(len(before), len(after))
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def grouped_mean(groups: dict[str, Sequence[float]]) -> float | None:
+    """KnowEdit's aggregation of portability/locality for one record: the mean over groups
+    (Reasoning, Subject_Aliasing, ...) of each group's mean."""
+    return mean(mean(values) for values in groups.values() if values)
+
+
+# -- fluency --------------------------------------------------------------------------------------
+
+# An approximation of NLTK's Treebank word tokenizer (NLTK is not a dependency): numbers with
+# their separators, "n't" split from its verb, clitics ('s, 're) apart, punctuation alone.
+_WORDS = re.compile(r"\d+(?:[.,]\d+)*|\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]")
+
+
+def word_tokenize(text: str) -> list[str]:
+    return _WORDS.findall(text)
+
+
+def ngram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
+    """ROME's fluency: the arithmetic mean of weight_n · H_n, H_n the base-2 entropy of the
+    text's word n-gram frequencies. A text too short for any n-gram scores 0 (ROME: nan)."""
+    words = word_tokenize(text)
+    terms = []
+    for n, weight in zip(ns, weights, strict=True):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        h = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        terms.append(weight * h)
+    return sum(terms) / len(terms)
+
+
+# -- ConvSent -------------------------------------------------------------------------------------
+
+
+def sentiment_edit_success(target_post: float, other_post: float, target_pre: float) -> float:
+    """SERAC's ConvSent edit success, used by KnowEdit: sigmoid(target − other) · min(1, e^(post −
+    pre)), from mean per-token log-likelihoods of responses with the target sentiment and with
+    the other one, after the edit, and of the target responses before it. High when the edited
+    model prefers the target sentiment and still finds such responses about the topic likely."""
+    z_sent = 1 / (1 + math.exp(-(target_post - other_post)))
+    z_topic = min(1.0, math.exp(target_post - target_pre))
+    return z_sent * z_topic

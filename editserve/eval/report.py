@@ -1,0 +1,71 @@
+"""Markdown tables of evaluation results (KnowEdit's ×100 scale; fluency in bits ×100)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = (
+    ("reliability_tf", "Rel. TF"),
+    ("reliability_gen", "Rel. gen"),
+    ("generalization_tf", "Gen. TF"),
+    ("generalization_gen", "Gen. gen"),
+    ("portability_tf", "Port. TF"),
+    ("portability_gen", "Port. gen"),
+    ("locality_tf", "Loc. TF"),
+    ("locality_gen", "Loc. gen"),
+    ("fluency_raw", "Flu. raw"),
+    ("fluency_chat", "Flu. chat"),
+)
+
+LEGEND = (
+    "TF: teacher-forced token accuracy on the raw prompt via /v1/completions (comparable with "
+    "KnowEdit tables); gen: judged on the greedy chat answer (what users see). Rel.: edit "
+    "success on the edit prompt; Gen.: on paraphrases; Port.: portability; Loc.: agreement "
+    "with the unedited model; Flu.: n-gram entropy ×100 of a sampled raw continuation and of "
+    "the chat answer. ConvSent's Rel. TF is SERAC's sentiment edit success. — : no such probes."
+)
+
+
+def _cell(value: Any) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def table(rows: list[tuple[str, dict[str, Any] | None]], first: str = "") -> str:
+    """One row per (label, summary); columns are the metrics present in any row."""
+    present = [(k, h) for k, h in COLUMNS if any(s and s.get(k) is not None for _, s in rows)]
+    lines = [
+        "| " + " | ".join([first, *(h for _, h in present)]) + " |",
+        "|" + "---|" * (len(present) + 1),
+    ]
+    for label, summary in rows:
+        cells = [_cell((summary or {}).get(k)) for k, _ in present]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def run_markdown(result: dict[str, Any]) -> str:
+    """The table of one `editserve eval` run, with the unedited model beside it."""
+    title = (
+        f"# {result['method']} on {result['format']} ({result['data']})\n\n"
+        f"Model {result['model']}; {result['edits_applied']} edits applied of {result['n']} "
+        f"records; {'sequential' if result['sequential'] else 'each edit undone before the next'}."
+    )
+    parts = [title]
+    if result.get("sequential"):
+        rows = []
+        for c in result["sequential"]:
+            rows += [
+                (f"{c['edits']} unedited", c["unedited"]),
+                (f"{c['edits']} {result['method']}", c["edited"]),
+            ]
+        parts.append(table(rows, "edits"))
+    else:
+        parts.append(
+            table([("unedited", result["unedited"]), (result["method"], result["edited"])])
+        )
+        if result.get("refused"):
+            parts.append(
+                f"{len(result['refused'])} edits refused by the server (see results.json)."
+            )
+    parts.append(LEGEND)
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,94 @@
+"""Observations (from `measure`) to KnowEdit metrics, for one record; pure functions.
+
+Every metric comes twice: `_tf`, teacher-forced token accuracy on the raw prompt (comparable
+with published KnowEdit/EasyEdit tables), and `_gen`, judged on the greedy chat answer (what a
+user sees). Locality compares the edited model's observations with the unedited model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from editserve.eval.datasets import EvalRecord, Probe
+from editserve.eval.metrics import (
+    agreement,
+    contains_answer,
+    grouped_mean,
+    mean,
+    ngram_entropy,
+    sentiment_edit_success,
+    token_accuracy,
+)
+
+METRICS = (
+    "reliability_tf",
+    "reliability_gen",
+    "generalization_tf",
+    "generalization_gen",
+    "portability_tf",
+    "portability_gen",
+    "locality_tf",
+    "locality_gen",
+    "fluency_raw",
+    "fluency_chat",
+)
+
+
+def _hits(obs: dict) -> list[bool]:
+    return [t == a for t, a in zip(obs["tokens"], obs["top1"], strict=True)]
+
+
+def _success(probes: tuple[Probe, ...], observed: list[dict]) -> tuple[float | None, float | None]:
+    pairs = list(zip(probes, observed, strict=True))
+    tf = mean(token_accuracy(_hits(o)) for _, o in pairs)
+    gen = mean(float(contains_answer(o["answer"], p.answers)) for p, o in pairs)
+    return tf, gen
+
+
+def score(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of one record, in [0, 1] (fluency in bits); None where the record has no probe.
+    Scoring the unedited model against itself (post = pre) gives its own figures."""
+    out: dict[str, Any] = dict.fromkeys(METRICS)
+    out["reliability_tf"], out["reliability_gen"] = _success(
+        record.reliability, post["reliability"]
+    )
+    if record.generalization:
+        out["generalization_tf"], out["generalization_gen"] = _success(
+            record.generalization, post["generalization"]
+        )
+    if record.portability:
+        tf, gen = {}, {}
+        for key, probes in record.portability.items():
+            pairs = list(zip(probes, post["portability"][key], strict=True))
+            tf[key] = [token_accuracy(_hits(o)) for _, o in pairs]
+            gen[key] = [float(contains_answer(o["answer"], p.answers)) for p, o in pairs]
+        out["portability_tf"], out["portability_gen"] = grouped_mean(tf), grouped_mean(gen)
+    if record.locality:
+        tf, gen = {}, {}
+        for key in record.locality:
+            pairs = list(zip(pre["locality"][key], post["locality"][key], strict=True))
+            tf[key] = [agreement(b["top1"], a["top1"]) for b, a in pairs]
+            gen[key] = [float(b["answer"] == a["answer"]) for b, a in pairs]
+        out["locality_tf"], out["locality_gen"] = grouped_mean(tf), grouped_mean(gen)
+    if post.get("fluency"):
+        out["fluency_raw"] = ngram_entropy(post["fluency"]["raw"])
+        out["fluency_chat"] = ngram_entropy(post["fluency"]["chat"])
+    if record.sentiment is not None:
+        # ConvSent (KnowEdit, after SERAC): edit success is the sentiment score, not token
+        # accuracy; there is no offline sentiment classifier, so no generated-answer success.
+        t_post, o_post = mean(post["sentiment"]["target"]), mean(post["sentiment"]["other"])
+        t_pre = mean(pre["sentiment"]["target"])
+        out["reliability_tf"] = sentiment_edit_success(t_post or 0.0, o_post or 0.0, t_pre or 0.0)
+        out["reliability_gen"] = None
+    return out
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over records of each metric, ×100 as KnowEdit reports them (fluency: bits ×100),
+    with the number of records each mean covers."""
+    out: dict[str, Any] = {}
+    for name in METRICS:
+        values = [r[name] for r in rows if r.get(name) is not None]
+        out[name] = round(100 * sum(values) / len(values), 2) if values else None
+        out[f"{name}_n"] = len(values)
+    return out

@@ -1,0 +1,163 @@
+"""The evaluation loop against an in-process fake server: scores, undo, resume after an
+interruption, and refusal to resume a sequential run on a server whose edits differ."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from editserve.eval.measure import MeasureSettings
+from editserve.eval.runner import ResumeError, RunConfig, evaluate
+from tests.unit.fake_editserve import FakeServer
+
+RECORDS = [
+    {
+        "subject": f"Land{i}",
+        "prompt": f"Capital of Land{i}?",
+        "target_new": f"New{i}",
+        "ground_truth": [f"Old{i}"],
+        "rephrase_prompt": f"Land{i} capital?",
+        "locality": {
+            "Relation_Specificity": [
+                {"prompt": f"Anthem of Land{i}?", "ground_truth": [f"Song{i}"]}
+            ]
+        },
+    }
+    for i in range(4)
+]
+RECORDS[2]["subject"] = "Nowhere"  # not in its prompt: the server refuses this edit
+FACTS = {f"Capital of Land{i}?": f"Old{i}" for i in range(4)} | {
+    f"Anthem of Land{i}?": f"Song{i}" for i in range(4)
+}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def config(data: Path, out: Path, **kw: object) -> RunConfig:
+    settings = MeasureSettings(fluency_tokens=8)
+    return RunConfig(
+        server="http://fake",
+        method="rome",
+        data=data,
+        out=out,
+        settings=settings,
+        progress=False,
+        **kw,
+    )
+
+
+def run(cfg: RunConfig, server: FakeServer) -> dict:
+    return asyncio.run(evaluate(cfg, transport=server.transport()))
+
+
+def test_independent_run_scores_and_undoes_every_edit(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    result = run(config(data, tmp_path / "out"), server)
+    assert server.active() == []
+    assert result["edits_applied"] == 3 and [r["index"] for r in result["refused"]] == [2]
+    edited, unedited = result["edited"], result["unedited"]
+    assert edited["reliability_tf"] == 100.0 and edited["reliability_gen"] == 100.0
+    assert unedited["reliability_tf"] == 0.0 and unedited["reliability_gen"] == 0.0
+    assert edited["locality_tf"] == 100.0 and edited["locality_gen"] == 100.0
+    assert edited["generalization_gen"] == 0.0  # the fake edits only the exact prompt
+    assert "| unedited |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_an_interrupted_run_resumes_without_repeating_work(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    server.fail_on_post = 2  # the second edit never reaches the server
+    cfg = config(data, tmp_path / "out")
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    server.fail_on_post = None
+    result = run(cfg, server)
+    assert result["edits_applied"] == 3
+    assert server.posts == 5  # 1 done + 1 lost + the remaining 3 (one refused): none twice
+    baseline = (tmp_path / "out" / "baseline.jsonl").read_text().splitlines()
+    assert len(baseline) == 1 + 4  # the meta line and each record once
+    # The run is complete: once more changes nothing.
+    assert run(cfg, server)["edited"] == result["edited"] and server.posts == 5
+
+
+def test_an_edit_left_applied_by_a_crash_is_undone_on_resume(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    server.fail_on_delete = True
+    cfg = config(data, tmp_path / "out")
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    assert len(server.active()) == 1
+    server.fail_on_delete = False
+    run(cfg, server)
+    assert server.active() == []
+
+
+def test_a_changed_run_is_refused(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    run(config(data, tmp_path / "out", n=2), server)
+    with pytest.raises(ResumeError, match="differs in method"):
+        run(RunConfig(**{**vars(config(data, tmp_path / "out", n=2)), "method": "memit"}), server)
+
+
+def test_sequential_keeps_the_edits_and_scores_at_checkpoints(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    result = run(config(data, tmp_path / "out", sequential=True, checkpoints=(1, 2)), server)
+    assert [c["edits"] for c in result["sequential"]] == [1, 2, 4]
+    assert [c["applied"] for c in result["sequential"]] == [1, 2, 3]
+    assert len(server.active()) == 3  # kept on the live model
+    assert all(c["edited"]["reliability_tf"] == 100.0 for c in result["sequential"])
+
+
+def test_sequential_resume_continues_and_refuses_a_different_server(
+    data: Path, tmp_path: Path
+) -> None:
+    server = FakeServer(FACTS)
+    server.fail_on_post = 2
+    cfg = config(data, tmp_path / "out", sequential=True, checkpoints=(1,))
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    server.fail_on_post = None
+    result = run(cfg, server)
+    assert [c["edits"] for c in result["sequential"]] == [1, 4]
+    assert len(server.active()) == 3
+
+    other = FakeServer(FACTS)  # a fresh server: none of the run's edits
+    with pytest.raises(ResumeError, match="do not match"):
+        run(cfg, other)
+    server.edits["edit-stranger"] = {"status": "applied", "requests": [], "version": 99}
+    with pytest.raises(ResumeError, match="edit-stranger"):
+        run(cfg, server)
+
+
+def test_an_interrupted_checkpoint_is_taken_before_the_next_edit(
+    data: Path, tmp_path: Path
+) -> None:
+    server = FakeServer(FACTS)
+    cfg = config(data, tmp_path / "out", sequential=True, checkpoints=(2,))
+    # 4 chat answers per record: 16 for the unedited model, then the checkpoint after 2 edits.
+    server.fail_on_chat = 16 + 3
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    assert server.posts == 2
+    server.fail_on_chat = None
+    result = run(cfg, server)
+    two = json.loads((tmp_path / "out" / "results.json").read_text())["sequential"][0]
+    assert two["edits"] == 2 and two["applied"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "out" / "sequence.jsonl").read_text().splitlines()]
+    checkpoint = next(e for e in lines if e["event"] == "checkpoint")
+    assert checkpoint["versions"] == [2]  # scored on the model with exactly two edits
+    assert [c["edits"] for c in result["sequential"]] == [2, 4]
+
+
+def test_sequential_cleanup_undoes_the_run(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    run(config(data, tmp_path / "out", sequential=True, cleanup=True), server)
+    assert server.active() == []

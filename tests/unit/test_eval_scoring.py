@@ -1,0 +1,102 @@
+"""Scoring observations of one record into KnowEdit metrics, on hand-made observations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from editserve.eval.datasets import EvalRecord, Probe, Sentiment
+from editserve.eval.scoring import score, summarise
+
+RECORD = EvalRecord(
+    index=0,
+    requests=({"prompt": "Capital of France?", "subject": "France", "target_new": "Lyon"},),
+    reliability=(Probe("Capital of France?", ("Lyon",)),),
+    generalization=(Probe("France's capital?", ("Lyon",)),),
+    portability={"Reasoning": (Probe("River of France's capital?", ("Rhône", "Rhone")),)},
+    locality={
+        "Relation_Specificity": (Probe("Language of France?", ("French",)),),
+        "Other": (Probe("Capital of Spain?", ("Madrid",)), Probe("Capital of Italy?", ("Rome",))),
+    },
+)
+
+
+def obs(prompt: str, tokens: list[str], top1: list[str], answer: str) -> dict:
+    return {"prompt": prompt, "tokens": tokens, "top1": top1, "answer": answer}
+
+
+PRE = {
+    "reliability": [obs("Capital of France?", [" Ly", "on"], [" Paris", "on"], "It is Paris.")],
+    "generalization": [obs("France's capital?", [" Ly", "on"], [" Paris", "."], "Paris.")],
+    "portability": {"Reasoning": [obs("River?", [" Rh", "ône"], [" Se", "ine"], "The Seine.")]},
+    "locality": {
+        "Relation_Specificity": [obs("Language?", [" French"], [" French"], "French.")],
+        "Other": [
+            obs("Spain?", [" Madrid"], [" Madrid"], "Madrid."),
+            obs("Italy?", [" Rome", "."], [" Rome", "."], "Rome."),
+        ],
+    },
+    "fluency": {"raw": "a b a b", "chat": "a b a b"},
+}
+POST = {
+    "reliability": [obs("Capital of France?", [" Ly", "on"], [" Ly", "on"], "It is Lyon.")],
+    "generalization": [obs("France's capital?", [" Ly", "on"], [" Ly", "."], "Paris.")],
+    "portability": {"Reasoning": [obs("River?", [" Rh", "ône"], [" Rh", "ine"], "The Rhone.")]},
+    "locality": {
+        "Relation_Specificity": [obs("Language?", [" French"], [" Lyon"], "Lyon.")],
+        "Other": [
+            obs("Spain?", [" Madrid"], [" Madrid"], "Madrid."),
+            obs("Italy?", [" Rome", "."], [" Rome", ","], "Rome."),
+        ],
+    },
+    "fluency": {"raw": "Lyon Lyon Lyon Lyon", "chat": "a b a b"},
+}
+
+
+def test_score_of_an_edit() -> None:
+    m = score(RECORD, POST, PRE)
+    assert m["reliability_tf"] == 1.0 and m["reliability_gen"] == 1.0
+    assert m["generalization_tf"] == 0.5 and m["generalization_gen"] == 0.0
+    assert m["portability_tf"] == 0.5 and m["portability_gen"] == 1.0  # "Rhone" is an alias
+    # Locality: group means (0 and mean(1, 0.5)) then their mean; generated: (0 + 1) / 2.
+    assert m["locality_tf"] == pytest.approx((0.0 + 0.75) / 2)
+    assert m["locality_gen"] == pytest.approx((0.0 + 1.0) / 2)
+    assert m["fluency_raw"] == 0.0  # one repeated word: every n-gram the same
+    assert m["fluency_chat"] > 0
+
+
+def test_the_unedited_model_scored_against_itself() -> None:
+    m = score(RECORD, PRE, PRE)
+    assert m["reliability_tf"] == 0.5 and m["reliability_gen"] == 0.0
+    assert m["locality_tf"] == 1.0 and m["locality_gen"] == 1.0
+
+
+def test_missing_probe_kinds_are_none_and_summaries_count_what_they_average() -> None:
+    bare = EvalRecord(index=1, requests=(), reliability=RECORD.reliability)
+    m = score(bare, {**POST, "fluency": None}, PRE)
+    assert m["generalization_tf"] is None and m["locality_gen"] is None and m["fluency_raw"] is None
+    s = summarise([score(RECORD, POST, PRE), m])
+    assert s["reliability_tf"] == 100.0 and s["reliability_tf_n"] == 2
+    assert s["generalization_tf"] == 50.0 and s["generalization_tf_n"] == 1
+
+
+def test_convsent_success_is_the_sentiment_score() -> None:
+    record = EvalRecord(
+        index=0,
+        requests=(),
+        reliability=(Probe("What do you think of X?", ("I love it.",)),),
+        sentiment=Sentiment("positive", ("I love it.", "Great."), ("I hate it.",)),
+    )
+    base = {
+        "reliability": POST["reliability"],
+        "generalization": [],
+        "portability": {},
+        "locality": {},
+        "fluency": None,
+    }
+    pre = {**base, "sentiment": {"target": [-2.0, -2.0], "other": [-1.0]}}
+    post = {**base, "sentiment": {"target": [-1.0, -1.0], "other": [-3.0]}}
+    m = score(record, post, pre)
+    assert m["reliability_tf"] == pytest.approx(1 / (1 + math.exp(-2)))
+    assert m["reliability_gen"] is None
