@@ -147,16 +147,25 @@ class EvalClient:
         body = {"method": method, "kind": kind, "requests": requests, "checks": False}
         if hparams:
             body["hparams"] = hparams
-        r = await self.client.post("/edits", json=body, headers=self.admin_headers)
+        r = await self._edit_call("POST", "/edits", json=body)
         if 400 <= r.status_code < 500:
             raise EditRefused(_message(r))
         r.raise_for_status()
         return r.json()
 
     async def delete_edit(self, edit_id: str) -> dict[str, Any]:
-        r = await self.client.delete(f"/edits/{edit_id}", headers=self.admin_headers)
+        r = await self._edit_call("DELETE", f"/edits/{edit_id}")
         r.raise_for_status()
         return r.json()
+
+    async def _edit_call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An edit route call that waits out the server's per-key rate limit (429 with
+        Retry-After) instead of failing: a sequential run makes hundreds of edits."""
+        while True:
+            r = await self.client.request(method, path, headers=self.admin_headers, **kwargs)
+            if r.status_code != 429:
+                return r
+            await asyncio.sleep(float(r.headers.get("retry-after", "1")))
 
     async def active_edits(self) -> list[str]:
         """Ids of the edits applied now, oldest first."""
