@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -70,22 +71,29 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, http: Request) -> Response:
         self.check_model(req.model)
         started = time.monotonic()
+        retry = False
         while True:
             # Memory edits change prompts: if one lands between rendering and admission (it
-            # bumps the version the request is admitted at), render again on the new memory.
-            generation = self.memory.generation if self.memory else 0
+            # bumps the version the request is admitted at), the engine hands the request back
+            # unrun and it is rendered again on the new memory, keeping its place in the queue.
+            still_valid = None
+            if self.memory is not None:
+                still_valid = partial(self._memory_is_at, self.memory.generation)
             prompt = await self._render_chat(req)
             max_tokens = self._max_tokens(req.requested_max_tokens(), len(prompt))
             stream = self._submit(
                 [prompt] * req.n,
                 lambda i, budget=max_tokens: req.sampling_params(budget, i, req.logprobs_k()),
+                still_valid,
+                first=retry,
             )
-            if self.memory is None:
+            if still_valid is None:
                 break
             await stream.admitted()
-            if self.memory.generation == generation:
+            if not any(h.stale for h in stream.handles):
                 break
-            stream.abort()
+            stream.abort()  # n > 1: choices admitted before the change must not run alone
+            retry = True
         meta = _meta("chatcmpl", "chat.completion.chunk", self.model_name)
         if req.stream:
             await stream.admitted()  # the version header must name the weights it runs on
@@ -312,12 +320,19 @@ class OpenAIServing:
             raise bad_request(problem, param="max_tokens", code="context_length_exceeded")
         return budget
 
+    def _memory_is_at(self, generation: int) -> bool:
+        return self.memory is not None and self.memory.generation == generation
+
     def _submit(
-        self, prompts: list[list[int]], params_for: Callable[[int], SamplingParams]
+        self,
+        prompts: list[list[int]],
+        params_for: Callable[[int], SamplingParams],
+        still_valid: Callable[[], bool] | None = None,
+        first: bool = False,
     ) -> OutputStream:
         stream = OutputStream()
         for i, prompt in enumerate(prompts):
-            self.engine.submit(prompt, params_for(i), stream)
+            self.engine.submit(prompt, params_for(i), stream, still_valid, first)
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         return stream
 

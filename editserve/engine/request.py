@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from editserve.engine.sampling import SamplingParams, TokenLogprob
@@ -105,7 +105,13 @@ class PromptScores:
 class RequestHandle:
     """The engine's record of one generation and where its chunks go."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, stream: OutputStream):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stream: OutputStream,
+        still_valid: Callable[[], bool] | None = None,
+    ):
         self.request_id = f"req-{next(_ids)}"
         self.prompt_ids = prompt_ids
         self.params = params
@@ -115,6 +121,11 @@ class RequestHandle:
         self.model_version = -1  # set when the engine admits it
         self.prompt_scores: PromptScores | None = None
         self.aborted = False
+        # Asked on the engine thread at admission: False means the prompt was rendered from
+        # state that has changed since (the edit memory); the engine then marks it `stale`
+        # instead of running it, and the caller renders it again.
+        self.still_valid = still_valid
+        self.stale = False
 
     def push(self, item: GenerationChunk | BaseException) -> None:
         self.stream.push(self.index, item)

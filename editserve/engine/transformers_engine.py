@@ -117,13 +117,22 @@ class TransformersEngine:
     # -- called from the event loop ----------------------------------------------------------
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, stream: OutputStream
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stream: OutputStream,
+        still_valid: Callable[[], bool] | None = None,
+        first: bool = False,
     ) -> RequestHandle:
         """Queues a generation whose chunks go to `stream`. The caller checks limits first
-        (`check_length`)."""
-        handle = RequestHandle(prompt_ids, params, stream)
+        (`check_length`). `still_valid` is asked at admission (see `RequestHandle`); `first`
+        puts it at the head of the queue (a stale request rendered again keeps its turn)."""
+        handle = RequestHandle(prompt_ids, params, stream, still_valid)
         with self._wake:
-            self._waiting.append(handle)
+            if first:
+                self._waiting.appendleft(handle)
+            else:
+                self._waiting.append(handle)
             self._wake.notify()
         return handle
 
@@ -204,6 +213,11 @@ class TransformersEngine:
             handle = self._waiting[0]
             if handle.aborted:
                 self._waiting.popleft()
+                continue
+            if handle.still_valid is not None and not handle.still_valid():
+                self._waiting.popleft()  # rendered on an older edit memory: not run
+                handle.stale = True
+                handle.stream.mark_admitted()
                 continue
             if admitted and len(handle.prompt_ids) > budget:
                 break

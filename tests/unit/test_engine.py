@@ -206,3 +206,19 @@ def test_weight_changes_wait_for_running_requests_and_prompt_changes_do_not(
     assert in_flight == 0 and new == old + 1  # the running request had finished first
     in_flight, old, new = asyncio.run(go(engine.run_between_steps))
     assert in_flight == 1 and new == old + 1  # it ran while the request was still decoding
+
+
+def test_a_request_rendered_on_changed_state_is_handed_back_unrun(
+    engine: TransformersEngine,
+) -> None:
+    prompt = prompts(engine)[0]
+
+    async def go() -> tuple[bool, bool, list[int]]:
+        stale, fresh = OutputStream(), OutputStream()
+        gone = engine.submit(prompt, greedy(4), stale, still_valid=lambda: False)
+        kept = engine.submit(prompt, greedy(4), fresh, still_valid=lambda: True)
+        await stale.admitted()
+        return gone.stale, kept.stale, (await fresh.results())[0].token_ids
+
+    gone, kept, tokens = asyncio.run(go())
+    assert gone and not kept and len(tokens) == 4
