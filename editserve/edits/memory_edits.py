@@ -2,7 +2,8 @@
 
 - IKE/ICE and SERAC entries sit in two FAISS edit memories (`memory.index.EditMemory`), one per
   kind, so a flood of one kind never crowds the other out of the top-k. Before a chat request is
-  tokenized, `rewrite` embeds its last user message, retrieves entries whose similarity reaches
+  tokenized, `rewrite` embeds its last user message (only that, only when some entry exists,
+  and cached by text: `SentenceEncoder.encode_query`), retrieves entries whose similarity reaches
   their edit's threshold and conditions the conversation on their facts (`methods.ike.condition`).
 - GRACE entries sit in one `memory.codebook.Codebook`, served by a forward hook on one layer's
   down-projection of the live model, and of the workbench (so every method computes on the
@@ -149,7 +150,7 @@ class MemoryEdits:
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users or not self.has_prompt_entries():
             return []
-        query = self.encoder.encode([users[-1]])  # [1, 384]
+        query = self.encoder.encode_query(users[-1])  # [1, 384]
         used = []
         for store, k in (("ike", TOP_K), ("serac", 1)):
             if len(self.indexes[store]):

@@ -41,6 +41,9 @@ class BagOfWords:
                 out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
         return torch.nn.functional.normalize(out, dim=-1)
 
+    def encode_query(self, text: str) -> torch.Tensor:
+        return self.encode([text])
+
 
 def compute_shift(ctx: EditContext, requests: list[EditRequest], h: object) -> ParamDelta:
     name = ctx.arch.down_proj_name(0)
