@@ -10,9 +10,12 @@
 2. Added chat latency with a large memory: p50 of chat requests (1 generated token, questions
    no edit matches) on the empty memory and then with `--memory-size` facts registered (half
    IKE, half SERAC, in edits of 64 facts, synthetic facts on synthetic subjects), plus the
-   server's own mean lookup time (embed + search + condition) from /metrics.
+   server's own mean lookup time (embed + search + condition) from /metrics. With
+   `--baseline-src DIR` a second server runs from another source tree and both are measured
+   with requests taking turns (an A/B on the same, possibly shared, CPU).
 
     python bench/memory.py --start [--n 50] [--methods ike,ice,serac,grace] [--memory-size 10000]
+    python bench/memory.py --start --n 0 --baseline-src /tmp/editserve-main   # latency only
 """
 
 from __future__ import annotations
@@ -153,13 +156,17 @@ OFF_TOPIC = [
 ]
 
 
-async def chat_latency(api: Api, rounds: int) -> list[float]:
-    out = []
+async def chat_latency(apis: dict[str, Api], rounds: int) -> dict[str, list[float]]:
+    """Per server, `rounds` chat requests; servers take turns request by request (in rotating
+    order), so load from elsewhere on a shared CPU falls on all of them alike."""
+    out: dict[str, list[float]] = {name: [] for name in apis}
+    names = list(apis)
     for i in range(rounds):
         question = f"{OFF_TOPIC[i % len(OFF_TOPIC)]} ({i})"  # distinct text every request
-        t = time.perf_counter()
-        await api.answer(question, 1)
-        out.append((time.perf_counter() - t) * 1000)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = time.perf_counter()
+            await apis[name].answer(question, 1)
+            out[name].append((time.perf_counter() - t) * 1000)
     return out
 
 
@@ -175,14 +182,11 @@ async def lookup_mean_ms(api: Api) -> tuple[float, int]:
     return (values.get("sum", 0.0) / count * 1000 if count else 0.0), count
 
 
-async def large_memory(api: Api, size: int, rounds: int) -> dict[str, Any]:
-    await chat_latency(api, 5)  # warm-up
-    empty = await chat_latency(api, rounds)
-    facts = synthetic_facts(size)
-    t = time.perf_counter()
+async def fill(api: Api, facts: list[dict]) -> list[float]:
+    """Registers the facts (first half IKE, second half SERAC) in edits of BATCH; ms per edit."""
     register_ms = []
-    for start in range(0, size, BATCH):
-        method = "ike" if start < size // 2 else "serac"
+    for start in range(0, len(facts), BATCH):
+        method = "ike" if start < len(facts) // 2 else "serac"
         t0 = time.perf_counter()
         r = await api.client.post(
             "/edits",
@@ -190,28 +194,43 @@ async def large_memory(api: Api, size: int, rounds: int) -> dict[str, Any]:
         )
         r.raise_for_status()
         register_ms.append((time.perf_counter() - t0) * 1000)
-    fill_s = time.perf_counter() - t
-    before_mean, before_count = await lookup_mean_ms(api)
-    await chat_latency(api, 5)
-    full = await chat_latency(api, rounds)
-    after_mean, after_count = await lookup_mean_ms(api)
-    n = after_count - before_count
-    server_mean = (after_mean * after_count - before_mean * before_count) / n if n else None
-    p50_empty, p50_full = statistics.median(empty), statistics.median(full)
-    return {
-        "facts_in_memory": size,
-        "edits": len(register_ms),
-        "facts_per_edit": BATCH,
-        "fill_s": round(fill_s, 1),
-        "register_ms_per_64_facts_p50": round(statistics.median(register_ms), 1),
-        "chat_ms_p50_empty_memory": round(p50_empty, 2),
-        "chat_ms_p50_full_memory": round(p50_full, 2),
-        "added_ms_p50": round(p50_full - p50_empty, 2),
-        "chat_ms_p90_empty_memory": round(percentile(empty, 90), 2),
-        "chat_ms_p90_full_memory": round(percentile(full, 90), 2),
-        "server_lookup_ms_mean": round(server_mean, 2) if server_mean is not None else None,
-        "rounds": rounds,
-    }
+    return register_ms
+
+
+async def large_memory(apis: dict[str, Api], size: int, rounds: int) -> dict[str, Any]:
+    await chat_latency(apis, 5)  # warm-up
+    empty = await chat_latency(apis, rounds)
+    facts = synthetic_facts(size)
+    out: dict[str, Any] = {}
+    for name, api in apis.items():
+        t = time.perf_counter()
+        register_ms = await fill(api, facts)
+        out[name] = {
+            "facts_in_memory": size,
+            "edits": len(register_ms),
+            "facts_per_edit": BATCH,
+            "fill_s": round(time.perf_counter() - t, 1),
+            "register_ms_per_64_facts_p50": round(statistics.median(register_ms), 1),
+        }
+    before = {name: await lookup_mean_ms(api) for name, api in apis.items()}
+    await chat_latency(apis, 5)
+    full = await chat_latency(apis, rounds)
+    for name, api in apis.items():
+        after_mean, after_count = await lookup_mean_ms(api)
+        before_mean, before_count = before[name]
+        n = after_count - before_count
+        server_mean = (after_mean * after_count - before_mean * before_count) / n if n else None
+        p50_empty, p50_full = statistics.median(empty[name]), statistics.median(full[name])
+        out[name] |= {
+            "chat_ms_p50_empty_memory": round(p50_empty, 2),
+            "chat_ms_p50_full_memory": round(p50_full, 2),
+            "added_ms_p50": round(p50_full - p50_empty, 2),
+            "chat_ms_p90_empty_memory": round(percentile(empty[name], 90), 2),
+            "chat_ms_p90_full_memory": round(percentile(full[name], 90), 2),
+            "server_lookup_ms_mean": round(server_mean, 2) if server_mean is not None else None,
+            "rounds": rounds,
+        }
+    return out if len(apis) > 1 else out[next(iter(apis))]
 
 
 def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -220,9 +239,15 @@ def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
     args.out.write_text(json.dumps(report, indent=2))
 
 
-async def run(url: str, admin_key: str | None, args: argparse.Namespace) -> dict[str, Any]:
+async def run(
+    url: str, admin_key: str | None, args: argparse.Namespace, baseline_url: str | None = None
+) -> dict[str, Any]:
     api = Api(url, admin_key)
     await api.start()
+    apis = {"this": api}
+    if baseline_url:
+        apis["baseline"] = Api(baseline_url, admin_key)
+        await apis["baseline"].start()
     out: dict[str, Any] = {"methods": {}}
     if args.n:
         records = load_records(args.n, args.data)
@@ -231,9 +256,10 @@ async def run(url: str, admin_key: str | None, args: argparse.Namespace) -> dict
             print(method, json.dumps(out["methods"][method]["summary"]), flush=True)
             write(args, out)  # a long run keeps what it measured if it dies later
     if args.memory_size:
-        out["large_memory"] = await large_memory(api, args.memory_size, args.rounds)
+        out["large_memory"] = await large_memory(apis, args.memory_size, args.rounds)
         print(json.dumps(out["large_memory"]), flush=True)
-    await api.client.aclose()
+    for each in apis.values():
+        await each.client.aclose()
     return out
 
 
@@ -248,22 +274,38 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=50, help="ZsRE records (0: skip quality)")
     parser.add_argument("--memory-size", type=int, default=10_000, help="0: skip latency")
     parser.add_argument("--rounds", type=int, default=40, help="chat requests per latency run")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="with --start: also start a server from this source tree (e.g. `git archive` of "
+        "main) and measure the latency part on both, interleaved",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "memory.json"
     )
     args = parser.parse_args()
-    server = None
-    url = args.server
-    if args.start:
-        state = tempfile.mkdtemp(prefix="editserve-bench-state-")
-        server = ServerProcess(args.model, None, env={"EDITSERVE_STATE_DIR": state})
-        server.wait_ready()
-        url = server.url
+    if args.baseline_src and not args.start:
+        parser.error("--baseline-src needs --start")
+    servers: list[ServerProcess] = []
+    url, baseline_url = args.server, None
     try:
-        result = asyncio.run(run(url, args.admin_key, args))
+        if args.start:
+            state = tempfile.mkdtemp(prefix="editserve-bench-state-")
+            servers.append(ServerProcess(args.model, None, env={"EDITSERVE_STATE_DIR": state}))
+            url = servers[0].url
+        if args.baseline_src:
+            env = {
+                "EDITSERVE_STATE_DIR": tempfile.mkdtemp(prefix="editserve-bench-state-"),
+                "PYTHONPATH": str(args.baseline_src.resolve()),
+            }
+            servers.append(ServerProcess(args.model, None, env=env))
+            baseline_url = servers[1].url
+        for server in servers:
+            server.wait_ready()
+        result = asyncio.run(run(url, args.admin_key, args, baseline_url))
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
     write(args, result)
     print(f"wrote {args.out}")
