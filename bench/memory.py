@@ -11,8 +11,9 @@
    no edit matches) on the empty memory and then with `--memory-size` facts registered (half
    IKE, half SERAC, in edits of 64 facts, synthetic facts on synthetic subjects), plus the
    server's own mean lookup time (embed + search + condition) from /metrics. With
-   `--baseline-src DIR` a second server runs from another source tree and both are measured
-   with requests taking turns (an A/B on the same, possibly shared, CPU).
+   `--empty-twin`, a twin server that stays empty is measured in the same rounds (requests take
+   turns) instead of before the fill. With `--baseline-src DIR` a server (and its twin) from
+   another source tree is measured in the same rounds too: an A/B on the same CPU.
 
     python bench/memory.py --start [--n 50] [--methods ike,ice,serac,grace] [--memory-size 10000]
     python bench/memory.py --start --n 0 --baseline-src /tmp/editserve-main   # latency only
@@ -197,12 +198,19 @@ async def fill(api: Api, facts: list[dict]) -> list[float]:
     return register_ms
 
 
-async def large_memory(apis: dict[str, Api], size: int, rounds: int) -> dict[str, Any]:
-    await chat_latency(apis, 5)  # warm-up
-    empty = await chat_latency(apis, rounds)
+async def large_memory(
+    full: dict[str, Api], empty: dict[str, Api], size: int, rounds: int
+) -> dict[str, Any]:
+    """Fills each server of `full` with `size` facts and measures chat latency on it. With an
+    `empty` twin per name (a server of the same code that stays empty) both are measured in the
+    same rounds, so the added latency compares requests made at the same moments; without one,
+    the empty figure is taken before the fill (load on a shared CPU may change in between)."""
+    twins = {f"{name}/empty": api for name, api in empty.items()}
+    await chat_latency({**full, **twins}, 5)  # warm-up
+    before_fill = {} if empty else await chat_latency(full, rounds)
     facts = synthetic_facts(size)
     out: dict[str, Any] = {}
-    for name, api in apis.items():
+    for name, api in full.items():
         t = time.perf_counter()
         register_ms = await fill(api, facts)
         out[name] = {
@@ -211,26 +219,28 @@ async def large_memory(apis: dict[str, Api], size: int, rounds: int) -> dict[str
             "facts_per_edit": BATCH,
             "fill_s": round(time.perf_counter() - t, 1),
             "register_ms_per_64_facts_p50": round(statistics.median(register_ms), 1),
+            "empty_twin": name in empty,
         }
-    before = {name: await lookup_mean_ms(api) for name, api in apis.items()}
-    await chat_latency(apis, 5)
-    full = await chat_latency(apis, rounds)
-    for name, api in apis.items():
+    before = {name: await lookup_mean_ms(api) for name, api in full.items()}
+    await chat_latency({**full, **twins}, 5)
+    measured = await chat_latency({**full, **twins}, rounds)
+    for name, api in full.items():
         after_mean, after_count = await lookup_mean_ms(api)
         before_mean, before_count = before[name]
         n = after_count - before_count
         server_mean = (after_mean * after_count - before_mean * before_count) / n if n else None
-        p50_empty, p50_full = statistics.median(empty[name]), statistics.median(full[name])
+        empty_ms = measured[f"{name}/empty"] if name in empty else before_fill[name]
+        p50_empty, p50_full = statistics.median(empty_ms), statistics.median(measured[name])
         out[name] |= {
             "chat_ms_p50_empty_memory": round(p50_empty, 2),
             "chat_ms_p50_full_memory": round(p50_full, 2),
             "added_ms_p50": round(p50_full - p50_empty, 2),
-            "chat_ms_p90_empty_memory": round(percentile(empty[name], 90), 2),
-            "chat_ms_p90_full_memory": round(percentile(full[name], 90), 2),
+            "chat_ms_p90_empty_memory": round(percentile(empty_ms, 90), 2),
+            "chat_ms_p90_full_memory": round(percentile(measured[name], 90), 2),
             "server_lookup_ms_mean": round(server_mean, 2) if server_mean is not None else None,
             "rounds": rounds,
         }
-    return out if len(apis) > 1 else out[next(iter(apis))]
+    return out if len(full) > 1 else out[next(iter(full))]
 
 
 def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -240,14 +250,13 @@ def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 async def run(
-    url: str, admin_key: str | None, args: argparse.Namespace, baseline_url: str | None = None
+    urls: dict[str, str], admin_key: str | None, args: argparse.Namespace
 ) -> dict[str, Any]:
-    api = Api(url, admin_key)
-    await api.start()
-    apis = {"this": api}
-    if baseline_url:
-        apis["baseline"] = Api(baseline_url, admin_key)
-        await apis["baseline"].start()
+    """`urls`: "this" (the server measured), optionally "baseline", and "<name>/empty" twins."""
+    apis = {name: Api(url, admin_key) for name, url in urls.items()}
+    for each in apis.values():
+        await each.start()
+    api = apis["this"]
     out: dict[str, Any] = {"methods": {}}
     if args.n:
         records = load_records(args.n, args.data)
@@ -256,7 +265,9 @@ async def run(
             print(method, json.dumps(out["methods"][method]["summary"]), flush=True)
             write(args, out)  # a long run keeps what it measured if it dies later
     if args.memory_size:
-        out["large_memory"] = await large_memory(apis, args.memory_size, args.rounds)
+        full = {n: a for n, a in apis.items() if not n.endswith("/empty")}
+        empty = {n.removesuffix("/empty"): a for n, a in apis.items() if n.endswith("/empty")}
+        out["large_memory"] = await large_memory(full, empty, args.memory_size, args.rounds)
         print(json.dumps(out["large_memory"]), flush=True)
     for each in apis.values():
         await each.client.aclose()
@@ -280,6 +291,12 @@ def main() -> int:
         help="with --start: also start a server from this source tree (e.g. `git archive` of "
         "main) and measure the latency part on both, interleaved",
     )
+    parser.add_argument(
+        "--empty-twin",
+        action="store_true",
+        help="with --start: measure the empty memory on a twin server in the same rounds "
+        "(see docs/memory-edits.md: an empty server answered far slower on a loaded CPU)",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "memory.json"
@@ -287,25 +304,25 @@ def main() -> int:
     args = parser.parse_args()
     if args.baseline_src and not args.start:
         parser.error("--baseline-src needs --start")
-    servers: list[ServerProcess] = []
-    url, baseline_url = args.server, None
+    # name -> extra environment of a server to start; the twins stay empty (latency part).
+    sources = {"this": {}} if args.start else {}
+    if args.baseline_src:
+        sources["baseline"] = {"PYTHONPATH": str(args.baseline_src.resolve())}
+    if args.start and args.memory_size and args.empty_twin:
+        sources |= {f"{name}/empty": env for name, env in list(sources.items())}
+    servers: dict[str, ServerProcess] = {}
     try:
-        if args.start:
+        for name, env in sources.items():
             state = tempfile.mkdtemp(prefix="editserve-bench-state-")
-            servers.append(ServerProcess(args.model, None, env={"EDITSERVE_STATE_DIR": state}))
-            url = servers[0].url
-        if args.baseline_src:
-            env = {
-                "EDITSERVE_STATE_DIR": tempfile.mkdtemp(prefix="editserve-bench-state-"),
-                "PYTHONPATH": str(args.baseline_src.resolve()),
-            }
-            servers.append(ServerProcess(args.model, None, env=env))
-            baseline_url = servers[1].url
-        for server in servers:
+            servers[name] = ServerProcess(
+                args.model, None, env={"EDITSERVE_STATE_DIR": state, **env}
+            )
+        for server in servers.values():
             server.wait_ready()
-        result = asyncio.run(run(url, args.admin_key, args, baseline_url))
+        urls = {name: server.url for name, server in servers.items()} or {"this": args.server}
+        result = asyncio.run(run(urls, args.admin_key, args))
     finally:
-        for server in servers:
+        for server in servers.values():
             server.stop()
     write(args, result)
     print(f"wrote {args.out}")
