@@ -214,10 +214,10 @@ class SentenceEncoder:
     def _thread_count(self) -> Iterator[None]:
         """`threads` intra-op threads for this thread's forwards, restored after (the setting
         is per calling thread in torch's OpenMP backend)."""
-        if self.threads is None:
+        before = torch.get_num_threads()
+        if self.threads is None or self.threads == before:  # nothing to change (or restore)
             yield
             return
-        before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
             yield
