@@ -131,7 +131,8 @@ class SentenceEncoder:
             )
             model.to(self._device).eval().requires_grad_(False)
             self._tokenizer = tokenizer
-            self._model = self._prepare(model, tokenizer)  # published last: `loaded` implies both
+            with self._thread_count():  # tracing runs a forward: on `threads` too (see below)
+                self._model = self._prepare(model, tokenizer)  # last: `loaded` implies both
 
     def _prepare(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
@@ -213,7 +214,13 @@ class SentenceEncoder:
     @contextmanager
     def _thread_count(self) -> Iterator[None]:
         """`threads` intra-op threads for this thread's forwards, restored after (the setting
-        is per calling thread in torch's OpenMP backend)."""
+        is per calling thread in torch's OpenMP backend).
+
+        One thread matters beyond the encoder's own speed: a forward on 2+ threads from a
+        thread other than the engine's makes OpenMP start a second thread team, and with more
+        OpenMP threads than cores libgomp stops spinning between parallel regions, so every
+        later forward of the served model pays thread wake-ups (measured: +40 ms on a 1-token
+        chat of the embedded model, 2 cores; docs/memory-edits.md)."""
         before = torch.get_num_threads()
         if self.threads is None or self.threads == before:  # nothing to change (or restore)
             yield
