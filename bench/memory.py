@@ -305,8 +305,9 @@ def main() -> int:
     if args.baseline_src and not args.start:
         parser.error("--baseline-src needs --start")
     # name -> extra environment of a server to start; the twins stay empty (latency part).
-    sources = {"this": {}} if args.start else {}
+    sources: dict[str, dict[str, str]] = {"this": {}} if args.start else {}
     if args.baseline_src:
+        # Run from there too: `python -m` would import this tree from the working directory.
         sources["baseline"] = {"PYTHONPATH": str(args.baseline_src.resolve())}
     if args.start and args.memory_size and args.empty_twin:
         sources |= {f"{name}/empty": env for name, env in list(sources.items())}
@@ -314,8 +315,9 @@ def main() -> int:
     try:
         for name, env in sources.items():
             state = tempfile.mkdtemp(prefix="editserve-bench-state-")
+            cwd = Path(env["PYTHONPATH"]) if "PYTHONPATH" in env else None
             servers[name] = ServerProcess(
-                args.model, None, env={"EDITSERVE_STATE_DIR": state, **env}
+                args.model, None, env={"EDITSERVE_STATE_DIR": state, **env}, cwd=cwd
             )
         for server in servers.values():
             server.wait_ready()
