@@ -219,7 +219,7 @@ class SentenceEncoder:
         One thread matters beyond the encoder's own speed: a forward on 2+ threads from a
         thread other than the engine's makes OpenMP start a second thread team, and with more
         OpenMP threads than cores libgomp stops spinning between parallel regions, so every
-        later forward of the served model pays thread wake-ups (measured: +40 ms on a 1-token
+        later forward of the served model pays thread wake-ups (measured: +40-50 ms on a 1-token
         chat of the embedded model, 2 cores; docs/memory-edits.md)."""
         before = torch.get_num_threads()
         if self.threads is None or self.threads == before:  # nothing to change (or restore)
