@@ -295,7 +295,7 @@ def main() -> int:
         "--empty-twin",
         action="store_true",
         help="with --start: measure the empty memory on a twin server in the same rounds "
-        "(see docs/memory-edits.md: an empty server answered far slower on a loaded CPU)",
+        "(a server that never ran the encoder: see docs/memory-edits.md, Query cost)",
     )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument(
