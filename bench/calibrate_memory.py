@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=50, help="records reserved for the benchmark")
     ap.add_argument("--n", type=int, default=600, help="calibration records after those")
     ap.add_argument("--max-false", type=float, default=0.05)
+    ap.add_argument(
+        "--encoder", choices=("int8", "float32"), default="int8", help="the encoder's weights"
+    )
     ap.add_argument("--grace-layers", default="", help="comma-separated layers (embedded model)")
     ap.add_argument("--grace-n", type=int, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/calibrate_memory.json")
@@ -149,7 +152,7 @@ def main() -> None:
         sys.exit(f"no data at {args.data}")
     records = json.loads(args.data.read_text())[args.first : args.first + args.n]
     records = [r for r in records if r.get("locality", {}).get("Relation_Specificity")]
-    enc = SentenceEncoder()
+    enc = SentenceEncoder(quantize=args.encoder == "int8")
     facts = enc.encode([fact_text(r["prompt"], r["target_new"]) for r in records])
     prompts = enc.encode([r["prompt"] for r in records])
     para = enc.encode([r["rephrase_prompt"] for r in records])
@@ -160,6 +163,7 @@ def main() -> None:
         "records": f"{args.first}..{args.first + len(records) - 1} of {args.data.name}",
         "n": len(records),
         "max_false": args.max_false,
+        "encoder": args.encoder,
         "ike": calibrate(facts, para, prompts, loc, same, args.max_false),
         "serac": calibrate(prompts, para, prompts, loc, same, args.max_false),
     }

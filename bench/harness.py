@@ -37,7 +37,11 @@ class ServerProcess:
     """`python -m editserve.cli serve` on a free port, up once GET /health answers 200."""
 
     def __init__(
-        self, model_path: str | None, api_key: str | None, env: dict[str, str] | None = None
+        self,
+        model_path: str | None,
+        api_key: str | None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,  # `python -m` imports from here first (before PYTHONPATH)
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,7 +55,9 @@ class ServerProcess:
         env = {**os.environ, "EDITSERVE_EDIT_RATE_PER_MINUTE": "0", **(env or {})}
         if api_key:
             env["EDITSERVE_API_KEY"] = api_key
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd
+        )
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -10,9 +10,13 @@
 2. Added chat latency with a large memory: p50 of chat requests (1 generated token, questions
    no edit matches) on the empty memory and then with `--memory-size` facts registered (half
    IKE, half SERAC, in edits of 64 facts, synthetic facts on synthetic subjects), plus the
-   server's own mean lookup time (embed + search + condition) from /metrics.
+   server's own mean lookup time (embed + search + condition) from /metrics. With
+   `--empty-twin`, a twin server that stays empty is measured in the same rounds (requests take
+   turns) instead of before the fill. With `--baseline-src DIR` a server (and its twin) from
+   another source tree is measured in the same rounds too: an A/B on the same CPU.
 
     python bench/memory.py --start [--n 50] [--methods ike,ice,serac,grace] [--memory-size 10000]
+    python bench/memory.py --start --n 0 --baseline-src /tmp/editserve-main   # latency only
 """
 
 from __future__ import annotations
@@ -155,13 +159,17 @@ OFF_TOPIC = [
 ]
 
 
-async def chat_latency(api: Api, rounds: int) -> list[float]:
-    out = []
+async def chat_latency(apis: dict[str, Api], rounds: int) -> dict[str, list[float]]:
+    """Per server, `rounds` chat requests; servers take turns request by request (in rotating
+    order), so load from elsewhere on a shared CPU falls on all of them alike."""
+    out: dict[str, list[float]] = {name: [] for name in apis}
+    names = list(apis)
     for i in range(rounds):
         question = f"{OFF_TOPIC[i % len(OFF_TOPIC)]} ({i})"  # distinct text every request
-        t = time.perf_counter()
-        await api.answer(question, 1)
-        out.append((time.perf_counter() - t) * 1000)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = time.perf_counter()
+            await apis[name].answer(question, 1)
+            out[name].append((time.perf_counter() - t) * 1000)
     return out
 
 
@@ -177,14 +185,11 @@ async def lookup_mean_ms(api: Api) -> tuple[float, int]:
     return (values.get("sum", 0.0) / count * 1000 if count else 0.0), count
 
 
-async def large_memory(api: Api, size: int, rounds: int) -> dict[str, Any]:
-    await chat_latency(api, 5)  # warm-up
-    empty = await chat_latency(api, rounds)
-    facts = synthetic_facts(size)
-    t = time.perf_counter()
+async def fill(api: Api, facts: list[dict]) -> list[float]:
+    """Registers the facts (first half IKE, second half SERAC) in edits of BATCH; ms per edit."""
     register_ms = []
-    for start in range(0, size, BATCH):
-        method = "ike" if start < size // 2 else "serac"
+    for start in range(0, len(facts), BATCH):
+        method = "ike" if start < len(facts) // 2 else "serac"
         t0 = time.perf_counter()
         r = await api.client.post(
             "/edits",
@@ -192,28 +197,52 @@ async def large_memory(api: Api, size: int, rounds: int) -> dict[str, Any]:
         )
         r.raise_for_status()
         register_ms.append((time.perf_counter() - t0) * 1000)
-    fill_s = time.perf_counter() - t
-    before_mean, before_count = await lookup_mean_ms(api)
-    await chat_latency(api, 5)
-    full = await chat_latency(api, rounds)
-    after_mean, after_count = await lookup_mean_ms(api)
-    n = after_count - before_count
-    server_mean = (after_mean * after_count - before_mean * before_count) / n if n else None
-    p50_empty, p50_full = statistics.median(empty), statistics.median(full)
-    return {
-        "facts_in_memory": size,
-        "edits": len(register_ms),
-        "facts_per_edit": BATCH,
-        "fill_s": round(fill_s, 1),
-        "register_ms_per_64_facts_p50": round(statistics.median(register_ms), 1),
-        "chat_ms_p50_empty_memory": round(p50_empty, 2),
-        "chat_ms_p50_full_memory": round(p50_full, 2),
-        "added_ms_p50": round(p50_full - p50_empty, 2),
-        "chat_ms_p90_empty_memory": round(percentile(empty, 90), 2),
-        "chat_ms_p90_full_memory": round(percentile(full, 90), 2),
-        "server_lookup_ms_mean": round(server_mean, 2) if server_mean is not None else None,
-        "rounds": rounds,
-    }
+    return register_ms
+
+
+async def large_memory(
+    full: dict[str, Api], empty: dict[str, Api], size: int, rounds: int
+) -> dict[str, Any]:
+    """Fills each server of `full` with `size` facts and measures chat latency on it. With an
+    `empty` twin per name (a server of the same code that stays empty) both are measured in the
+    same rounds, so the added latency compares requests made at the same moments; without one,
+    the empty figure is taken before the fill (load on a shared CPU may change in between)."""
+    twins = {f"{name}/empty": api for name, api in empty.items()}
+    await chat_latency({**full, **twins}, 5)  # warm-up
+    before_fill = {} if empty else await chat_latency(full, rounds)
+    facts = synthetic_facts(size)
+    out: dict[str, Any] = {}
+    for name, api in full.items():
+        t = time.perf_counter()
+        register_ms = await fill(api, facts)
+        out[name] = {
+            "facts_in_memory": size,
+            "edits": len(register_ms),
+            "facts_per_edit": BATCH,
+            "fill_s": round(time.perf_counter() - t, 1),
+            "register_ms_per_64_facts_p50": round(statistics.median(register_ms), 1),
+            "empty_twin": name in empty,
+        }
+    before = {name: await lookup_mean_ms(api) for name, api in full.items()}
+    await chat_latency({**full, **twins}, 5)
+    measured = await chat_latency({**full, **twins}, rounds)
+    for name, api in full.items():
+        after_mean, after_count = await lookup_mean_ms(api)
+        before_mean, before_count = before[name]
+        n = after_count - before_count
+        server_mean = (after_mean * after_count - before_mean * before_count) / n if n else None
+        empty_ms = measured[f"{name}/empty"] if name in empty else before_fill[name]
+        p50_empty, p50_full = statistics.median(empty_ms), statistics.median(measured[name])
+        out[name] |= {
+            "chat_ms_p50_empty_memory": round(p50_empty, 2),
+            "chat_ms_p50_full_memory": round(p50_full, 2),
+            "added_ms_p50": round(p50_full - p50_empty, 2),
+            "chat_ms_p90_empty_memory": round(percentile(empty_ms, 90), 2),
+            "chat_ms_p90_full_memory": round(percentile(measured[name], 90), 2),
+            "server_lookup_ms_mean": round(server_mean, 2) if server_mean is not None else None,
+            "rounds": rounds,
+        }
+    return out if len(full) > 1 else out[next(iter(full))]
 
 
 def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -222,10 +251,15 @@ def write(args: argparse.Namespace, result: dict[str, Any]) -> None:
     args.out.write_text(json.dumps(report, indent=2))
 
 
-async def run(url: str, admin_key: str | None, args: argparse.Namespace) -> dict[str, Any]:
-    api = Api(url, admin_key=admin_key)
-    api.client.headers.update(api.admin_headers)  # the bench also calls /edits itself
-    await api.start()
+async def run(
+    urls: dict[str, str], admin_key: str | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    """`urls`: "this" (the server measured), optionally "baseline", and "<name>/empty" twins."""
+    apis = {name: Api(url, admin_key=admin_key) for name, url in urls.items()}
+    for each in apis.values():
+        each.client.headers.update(each.admin_headers)  # the bench also calls /edits itself
+        await each.start()
+    api = apis["this"]
     out: dict[str, Any] = {"methods": {}}
     if args.n:
         records = load_records(args.n, args.data)
@@ -234,9 +268,12 @@ async def run(url: str, admin_key: str | None, args: argparse.Namespace) -> dict
             print(method, json.dumps(out["methods"][method]["summary"]), flush=True)
             write(args, out)  # a long run keeps what it measured if it dies later
     if args.memory_size:
-        out["large_memory"] = await large_memory(api, args.memory_size, args.rounds)
+        full = {n: a for n, a in apis.items() if not n.endswith("/empty")}
+        empty = {n.removesuffix("/empty"): a for n, a in apis.items() if n.endswith("/empty")}
+        out["large_memory"] = await large_memory(full, empty, args.memory_size, args.rounds)
         print(json.dumps(out["large_memory"]), flush=True)
-    await api.close()
+    for each in apis.values():
+        await each.close()
     return out
 
 
@@ -251,22 +288,46 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=50, help="ZsRE records (0: skip quality)")
     parser.add_argument("--memory-size", type=int, default=10_000, help="0: skip latency")
     parser.add_argument("--rounds", type=int, default=40, help="chat requests per latency run")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="with --start: also start a server from this source tree (e.g. `git archive` of "
+        "main) and measure the latency part on both, interleaved",
+    )
+    parser.add_argument(
+        "--empty-twin",
+        action="store_true",
+        help="with --start: measure the empty memory on a twin server in the same rounds "
+        "(a server that never ran the encoder: see docs/memory-edits.md, Query cost)",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "memory.json"
     )
     args = parser.parse_args()
-    server = None
-    url = args.server
-    if args.start:
-        state = tempfile.mkdtemp(prefix="editserve-bench-state-")
-        server = ServerProcess(args.model, None, env={"EDITSERVE_STATE_DIR": state})
-        server.wait_ready()
-        url = server.url
+    if args.baseline_src and not args.start:
+        parser.error("--baseline-src needs --start")
+    # name -> extra environment of a server to start; the twins stay empty (latency part).
+    sources: dict[str, dict[str, str]] = {"this": {}} if args.start else {}
+    if args.baseline_src:
+        # Run from there too: `python -m` would import this tree from the working directory.
+        sources["baseline"] = {"PYTHONPATH": str(args.baseline_src.resolve())}
+    if args.start and args.memory_size and args.empty_twin:
+        sources |= {f"{name}/empty": env for name, env in list(sources.items())}
+    servers: dict[str, ServerProcess] = {}
     try:
-        result = asyncio.run(run(url, args.admin_key, args))
+        for name, env in sources.items():
+            state = tempfile.mkdtemp(prefix="editserve-bench-state-")
+            cwd = Path(env["PYTHONPATH"]) if "PYTHONPATH" in env else None
+            servers[name] = ServerProcess(
+                args.model, None, env={"EDITSERVE_STATE_DIR": state, **env}, cwd=cwd
+            )
+        for server in servers.values():
+            server.wait_ready()
+        urls = {name: server.url for name, server in servers.items()} or {"this": args.server}
+        result = asyncio.run(run(urls, args.admin_key, args))
     finally:
-        if server is not None:
+        for server in servers.values():
             server.stop()
     write(args, result)
     print(f"wrote {args.out}")

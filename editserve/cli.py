@@ -40,6 +40,7 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     from editserve.engine.transformers_engine import TransformersEngine
     from editserve.metrics import ServerMetrics
     from editserve.modelstore import load_model
+    from memory.encoder import SentenceEncoder
     from methods.stats import StatsCache, StatsSource
 
     if settings.threads:
@@ -66,8 +67,15 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         corpus=str(settings.stats_corpus) if settings.stats_corpus else None,
         n_tokens=settings.stats_tokens,
     )
+    encoder = SentenceEncoder(
+        quantize=settings.memory_encoder == "int8", threads=settings.memory_encoder_threads
+    )
     edits = EditService(
-        engine, Journal(settings.state_dir), StatsCache(settings.cache_dir / "stats"), stats
+        engine,
+        Journal(settings.state_dir),
+        StatsCache(settings.cache_dir / "stats"),
+        stats,
+        encoder,
     )
     edits.replay()
     return build_app(settings, engine, metrics, edits)

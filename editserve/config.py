@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     )
     stats_tokens: int = Field(20_000, ge=1_000, description="tokens those statistics average")
     state_dir: Path = Path("~/.local/state/editserve").expanduser()
+    # Memory edits: the sentence encoder that embeds IKE/ICE/SERAC facts and chat queries (CPU)
+    memory_encoder: Literal["float32", "int8"] = Field(
+        "float32",
+        description="int8: ~2x faster queries, fewer paraphrases retrieved (docs/memory-edits.md)",
+    )
+    memory_encoder_threads: int = Field(1, ge=1, description="threads of one encoder forward")
     allowed_dirs: list[Path] = Field(
         default_factory=list,
         description="when set, `model` and `stats_corpus` must lie inside one of these folders",

@@ -125,13 +125,8 @@ class OpenAIServing:
         started = time.monotonic()
         used = await asyncio.to_thread(self.memory.retrieve, messages)
         self.metrics.memory_lookup.observe(time.monotonic() - started)
-        # Edit facts must not push a request out of the context window: without IKE's
-        # demonstrations first, then (rarely) without the facts.
-        for demonstrations in (True, False):
-            ids = self._template(self.memory.apply(messages, used, demonstrations))
-            if len(ids) + (req.requested_max_tokens() or 1) <= self.engine.max_model_len:
-                return ids
-        return self._template(messages)
+        budget = self.engine.max_model_len - (req.requested_max_tokens() or 1)
+        return self.memory.render(messages, used, self._template, budget)
 
     def _template(self, messages: list[dict[str, str]]) -> list[int]:
         try:

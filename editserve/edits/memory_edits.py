@@ -2,7 +2,8 @@
 
 - IKE/ICE and SERAC entries sit in two FAISS edit memories (`memory.index.EditMemory`), one per
   kind, so a flood of one kind never crowds the other out of the top-k. Before a chat request is
-  tokenized, `rewrite` embeds its last user message, retrieves entries whose similarity reaches
+  tokenized, `rewrite` embeds its last user message (only that, only when some entry exists,
+  and cached by text: `SentenceEncoder.encode_query`), retrieves entries whose similarity reaches
   their edit's threshold and conditions the conversation on their facts (`methods.ike.condition`).
 - GRACE entries sit in one `memory.codebook.Codebook`, served by a forward hook on one layer's
   down-projection of the live model, and of the workbench (so every method computes on the
@@ -18,7 +19,7 @@ prompt and being admitted (then it renders again: see `OpenAIServing.chat`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from editserve.architectures import ResolvedArch
 from memory.codebook import Codebook
 from memory.encoder import DIM, SentenceEncoder
-from memory.index import EditMemory
+from memory.index import EditMemory, Hit
 from methods.grace import label
 from methods.ike import condition
 from methods.memory_common import MemoryContext, MemoryPayload
@@ -37,6 +38,7 @@ from methods.memory_common import MemoryContext, MemoryPayload
 # Which store each memory method's payload goes to.
 STORES = {"ike": "ike", "ice": "ike", "serac": "serac", "grace": "codebook"}
 TOP_K = 4  # IKE facts retrieved per request at most (SERAC uses its best one)
+DRY_RUN_ID = "dry-run"  # the edit id of a previewed edit's entries
 
 
 class MemoryEdits:
@@ -143,23 +145,51 @@ class MemoryEdits:
     def has_prompt_entries(self) -> bool:
         return any(len(index) for index in self.indexes.values())
 
-    def retrieve(self, messages: list[dict[str, str]]) -> list[dict[str, Any]]:
+    def retrieve(
+        self, messages: list[dict[str, str]], pending: tuple[str, MemoryPayload] | None = None
+    ) -> list[dict[str, Any]]:
         """The entries relevant to the conversation's last user message: IKE/ICE entries
-        (top-k) and SERAC's best one, each only if its similarity reaches its threshold."""
+        (top-k) and SERAC's best one, each only if its similarity reaches its threshold.
+        `pending` (method, payload): an edit not registered, searched as if it were (dry runs)."""
         users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users or not self.has_prompt_entries():
+        extra_store = STORES[pending[0]] if pending else None
+        if not users or not (self.has_prompt_entries() or extra_store in self.indexes):
             return []
-        query = self.encoder.encode([users[-1]])  # [1, 384]
+        query = self.encoder.encode_query(users[-1])  # [1, 384]
         used = []
         for store, k in (("ike", TOP_K), ("serac", 1)):
-            if len(self.indexes[store]):
-                hits = self.indexes[store].search(query, k)[0]
-                used += [
-                    {"edit_id": h.edit_id, "store": store, "score": h.score, **h.entry}
-                    for h in hits
-                    if h.score >= h.entry["threshold"]
-                ]
+            hits = self.indexes[store].search(query, k)[0] if len(self.indexes[store]) else []
+            if pending and store == extra_store:
+                hits = sorted(hits + _search(query, pending[1], k), key=lambda h: -h.score)[:k]
+            used += [
+                {"edit_id": h.edit_id, "store": store, "score": h.score, **h.entry}
+                for h in hits
+                if h.score >= h.entry["threshold"]
+            ]
         return used
+
+    @contextmanager
+    def preview(
+        self, method: str, payload: MemoryPayload
+    ) -> Iterator[Callable[[list[dict[str, str]]], list[dict[str, Any]]]]:
+        """The workbench as if the edit were registered, for the block; nothing live changes.
+
+        Yields the `retrieve` to use (searching the edit's IKE/SERAC entries alongside the live
+        ones); a GRACE edit is served on the workbench from a scratch copy of the live codebook
+        with the edit folded in (the live hook is lifted meanwhile)."""
+        if STORES[method] != "codebook":
+            yield lambda messages: self.retrieve(messages, (method, payload))
+            return
+        layer = int(payload.entries[0]["layer"])
+        if self.codebook_layer is not None and layer != self.codebook_layer:
+            raise ValueError(f"the codebook sits at layer {self.codebook_layer}, not {layer}")
+        scratch = Codebook.from_tensors(self.codebook.to_tensors())
+        t = payload.tensors
+        for i, entry in enumerate(payload.entries):
+            key, value, radius = t["keys"][i], t["values"][i], float(t["radii"][i])
+            scratch.add(DRY_RUN_ID, key, label(entry["target"]), value, radius)
+        with self._bench_without_codebook(), scratch.attached(self.bench.down_proj(layer)):
+            yield self.retrieve
 
     @staticmethod
     def apply(
@@ -173,10 +203,35 @@ class MemoryEdits:
         demos = demonstrations and any(u.get("demonstrations") for u in used)
         return condition(messages, facts, demos)
 
+    def render(
+        self,
+        messages: list[dict[str, str]],
+        used: list[dict[str, Any]],
+        template: Callable[[list[dict[str, str]]], list[int]],
+        budget: int,
+    ) -> list[int]:
+        """The conditioned prompt's token ids (`template` renders a conversation), within
+        `budget` tokens: edit facts must not push a request out of the context window, so
+        without IKE's demonstrations first, then (rarely) without the facts."""
+        if used:
+            for demonstrations in (True, False):
+                ids = template(self.apply(messages, used, demonstrations))
+                if len(ids) <= budget:
+                    return ids
+        return template(messages)
+
     def rewrite(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict]]:
         """`retrieve` then `apply`: the conditioned conversation and the entries used."""
         used = self.retrieve(messages)
         return self.apply(messages, used), used
+
+
+def _search(query: torch.Tensor, payload: MemoryPayload, k: int) -> list[Hit]:
+    """The k entries of `payload` nearest to `query` ([1, 384]), as `EditMemory.search` would
+    rank them were they registered."""
+    scores = (payload.tensors["embeddings"].float() @ query[0].float()).tolist()  # [n]
+    best = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
+    return [Hit(DRY_RUN_ID, dict(payload.entries[i]), scores[i]) for i in best]
 
 
 def describe(method: str, payload: MemoryPayload) -> dict:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
@@ -132,16 +132,21 @@ class EditService:
         return {layer: self._moments[layer] for layer in layers}
 
     def chat_prompt(self, question: str) -> list[int]:
-        messages = [{"role": "user", "content": question}]
-        return list(
-            self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
+        return self._render(_user(question))
 
-    def served_prompt(self, question: str) -> list[int]:
-        """The prompt the chat route would feed for `question`: memory edits included."""
-        messages, _ = self.memory.rewrite([{"role": "user", "content": question}])
+    def served_prompt(
+        self,
+        question: str,
+        retrieve: Callable[[list[dict[str, str]]], list[dict[str, Any]]] | None = None,
+    ) -> list[int]:
+        """The prompt the chat route would feed for `question` (answered in CHECK_TOKENS):
+        memory edits included, retrieved by `retrieve` (default: the live memory's)."""
+        messages = _user(question)
+        used = (retrieve or self.memory.retrieve)(messages)
+        budget = self.engine.max_model_len - CHECK_TOKENS
+        return self.memory.render(messages, used, self._render, budget)
+
+    def _render(self, messages: list[dict[str, str]]) -> list[int]:
         return list(
             self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -268,10 +273,6 @@ class EditService:
         checks: bool = True,
     ) -> dict:
         edit, spec, resolved = self.validate(method, kind, requests, hparams)
-        if dry_run and spec.payload == "memory":
-            raise EditError(
-                400, f"dry_run is not supported for memory methods such as {method}", "dry_run"
-            )
         async with self._lock:
             timings: dict[str, float] = {}
             started = time.monotonic()
@@ -292,9 +293,13 @@ class EditService:
             if isinstance(result, MemoryPayload):
                 record_spec["memory"] = {"entries": result.entries}
             if dry_run:
-                assert isinstance(result, ParamDelta)  # refused in validate otherwise
-                delta = result
-                after = await asyncio.to_thread(self._workbench_answers, questions + probes, delta)
+                after = (
+                    await asyncio.to_thread(
+                        self._workbench_answers, questions + probes, result, method
+                    )
+                    if checks
+                    else []
+                )
                 version = self.engine.model_version
             else:
                 t = time.monotonic()
@@ -519,15 +524,22 @@ class EditService:
             self.engine.submit(prompt, params, stream)
         return [r.token_ids for r in await stream.results()]
 
-    def _workbench_answers(self, questions: list[str], delta: ParamDelta) -> list[list[int]]:
-        """Greedy chat answers as if `delta` were applied, without applying it (dry runs)."""
-        import torch
-
+    def _workbench_answers(
+        self, questions: list[str], result: ParamDelta | MemoryPayload, method: str
+    ) -> list[list[int]]:
+        """Greedy chat answers as if the edit were applied, without applying it (dry runs): on
+        the workbench, with a weight delta added, or with a memory edit previewed."""
         model, eos = self.context.model, sorted(self.engine.eos_ids)
         out = []
-        with added_delta(model, delta), torch.inference_mode():
-            for question in questions:
-                ids = torch.tensor([self.chat_prompt(question)], device=self.engine.device)
+        with ExitStack() as stack, torch.inference_mode():
+            if isinstance(result, MemoryPayload):
+                retrieve = stack.enter_context(self.memory.preview(method, result))
+                prompts = [self.served_prompt(q, retrieve) for q in questions]
+            else:
+                stack.enter_context(added_delta(model, result))
+                prompts = [self.chat_prompt(q) for q in questions]
+            for prompt in prompts:
+                ids = torch.tensor([prompt], device=self.engine.device)
                 generated = model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
@@ -538,6 +550,10 @@ class EditService:
                 )[0, ids.shape[1] :].tolist()
                 out.append([t for t in generated if t not in eos][: len(generated)])
         return out
+
+
+def _user(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
 
 
 def _checks(

@@ -44,3 +44,17 @@ def test_api_key_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings.load()
     assert s.api_key is not None and s.api_key.get_secret_value() == "k"
     assert "k" not in repr(s.api_key)
+
+
+def test_memory_encoder_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDITSERVE_CONFIG", raising=False)
+    s = Settings.load()
+    assert (s.memory_encoder, s.memory_encoder_threads) == ("float32", 1)
+    monkeypatch.setenv("EDITSERVE_MEMORY_ENCODER", "int8")
+    assert Settings.load().memory_encoder == "int8"
+    monkeypatch.setenv("EDITSERVE_MEMORY_ENCODER", "float16")
+    with pytest.raises(ValueError, match="memory_encoder"):
+        Settings.load()
+    monkeypatch.delenv("EDITSERVE_MEMORY_ENCODER")
+    with pytest.raises(ValueError, match="memory_encoder_threads"):
+        Settings.load(memory_encoder_threads=0)

@@ -41,6 +41,9 @@ class BagOfWords:
                 out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
         return torch.nn.functional.normalize(out, dim=-1)
 
+    def encode_query(self, text: str) -> torch.Tensor:
+        return self.encode([text])
+
 
 def compute_shift(ctx: EditContext, requests: list[EditRequest], h: object) -> ParamDelta:
     name = ctx.arch.down_proj_name(0)
@@ -221,7 +224,7 @@ REQUEST = {**EIFFEL, "target_new": "Rome"}
         ("ike", {"requests": [{**REQUEST, "target_new": "  "}]}, "requests.0.target_new"),
         ("serac", {"requests": [{**REQUEST, "target_new": "x" * 400}]}, "requests.0.target_new"),
         ("grace", {"requests": [{**REQUEST, "subject": "Louvre"}]}, "requests.0.subject"),
-        ("ike", {"dry_run": True}, "dry_run"),
+        ("grace", {"dry_run": True, "hparams": {"steps": 0}}, "hparams"),
         ("ike", {"kind": "rewrite"}, None),
     ],
 )
@@ -237,6 +240,65 @@ def test_bad_memory_edits_change_nothing(client: TestClient, method, body, param
     memory = state(client).edits.memory
     assert not memory.has_prompt_entries() and len(memory.codebook) == 0
     assert chat(client, EIFFEL["prompt"]) == plain
+
+
+def assert_nothing_registered(client: TestClient) -> None:
+    assert client.get("/edits").json()["data"] == []
+    memory = state(client).edits.memory
+    assert not memory.has_prompt_entries() and len(memory.codebook) == 0
+    assert memory.codebook_layer is None and memory.generation == 0
+    assert all(not m._forward_hooks for m in state(client).engine.model.modules())
+
+
+@pytest.mark.parametrize("method", ["ike", "serac", "grace"])
+def test_a_memory_dry_run_previews_the_edit_and_registers_nothing(
+    client: TestClient, method
+) -> None:
+    hparams = (
+        {"layer": 1, "radius": 0.5, "steps": 30, "lr": 0.5}
+        if method == "grace"
+        else {"threshold": 0.5}
+    )
+    plain = chat(client, EIFFEL["prompt"])
+    dry = post(client, method, hparams=hparams, dry_run=True, checks=True)
+    assert dry.status_code == 200, dry.text
+    body = dry.json()
+    assert body["dry_run"] and body["status"] == "dry_run" and body["id"] is None
+    assert body["model_version"] == 0 and body["memory"]["entries"] == 1
+    assert_nothing_registered(client)
+    assert chat(client, EIFFEL["prompt"]) == plain  # same prompt, answer and version
+
+    # The preview is what committing the edit gives (greedy answers on the same model).
+    real = post(client, method, hparams=hparams, checks=True).json()
+    assert real["status"] == "applied" and real["model_version"] == 1
+    previewed = [c["after"] for c in body["checks"]["requests"] + body["checks"]["locality"]]
+    applied = [c["after"] for c in real["checks"]["requests"] + real["checks"]["locality"]]
+    assert previewed == applied
+    if method == "grace":  # the trained value shows (as in the test of a real GRACE edit)
+        assert previewed[0].startswith("R") and not plain[1].startswith("R")
+    else:  # the fact went into the prompt the preview matched
+        assert chat(client, EIFFEL["prompt"])[0] > plain[0]
+
+
+def test_a_dry_run_sees_the_live_memory_and_leaves_it_as_it_was(client: TestClient) -> None:
+    kept = post(client, "serac", "Paris", hparams={"threshold": 0.5}).json()["id"]
+    grace = post(client, "grace", "Oslo", hparams={"layer": 1, "steps": 3}).json()["id"]
+    memory = state(client).edits.memory
+    saved = (memory.indexes["serac"].to_tensors(), memory.codebook.to_tensors())
+    before = chat(client, EIFFEL["prompt"])
+    ike = post(client, "ike", hparams={"threshold": 0.5}, dry_run=True)
+    also_grace = post(client, "grace", hparams={"layer": 1, "steps": 3}, dry_run=True)
+    for r in (ike, also_grace):
+        assert r.status_code == 200 and r.json()["model_version"] == 2, r.text
+    # Dry runs on another layer than the live codebook's are refused like real edits.
+    wrong = post(client, "grace", hparams={"layer": 0, "steps": 2}, dry_run=True)
+    assert wrong.status_code == 400 and "layer 1" in wrong.json()["error"]["message"]
+    assert [e["id"] for e in client.get("/edits").json()["data"]] == [kept, grace]
+    now = (memory.indexes["serac"].to_tensors(), memory.codebook.to_tensors())
+    for old, new in zip(saved, now, strict=True):
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert memory.generation == 1 and memory._bench_hook_on
+    assert chat(client, EIFFEL["prompt"]) == before
 
 
 def test_a_grace_edit_at_another_layer_is_refused(client: TestClient) -> None:

