@@ -96,3 +96,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield live.url
     finally:
         live.stop()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A server of the module's own (its edits stay out of other modules' way), restartable."""
+    server = LiveServer(tmp_path_factory.mktemp("state"), tmp_path_factory.mktemp("logs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,16 +26,6 @@ UNRELATED = [
     "Who wrote Romeo and Juliet?",
     "What is the chemical symbol for gold?",
 ]
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path_factory.mktemp("edit-state"), tmp_path_factory.mktemp("logs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ask(url: str, question: str) -> tuple[str, int]:

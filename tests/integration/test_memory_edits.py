@@ -4,8 +4,6 @@ alone, survives a restart, and DELETE gives the old answers back."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
@@ -37,16 +35,6 @@ FACTS = {
         "rephrase": ["In which city is the Eiffel Tower located?"],  # GRACE: within the radius
     },
 }
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = LiveServer(tmp_path_factory.mktemp("memory-state"), tmp_path_factory.mktemp("logs"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_memory_edits_change_the_answers_survive_a_restart_and_undo(live: LiveServer) -> None:

@@ -16,10 +16,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from editserve.edits import methods as edit_methods
-from editserve.edits.methods import MethodSpec
-from methods.base import EditContext, EditRequest, ParamDelta
 from tests.conftest import tiny_model
+from tests.standin import install_shift, weights_hash
 
 MODEL = "tiny-llama"
 EIFFEL = {"prompt": "In which city is the Eiffel Tower?", "subject": "Eiffel Tower"}
@@ -45,19 +43,9 @@ class BagOfWords:
         return self.encode([text])
 
 
-def compute_shift(ctx: EditContext, requests: list[EditRequest], h: object) -> ParamDelta:
-    name = ctx.arch.down_proj_name(0)
-    weight = dict(ctx.model.named_parameters())[name]
-    g = torch.Generator().manual_seed(7)
-    return ParamDelta(
-        low_rank={name: (torch.randn(weight.shape[0], 1, generator=g), torch.randn(1, 64))}
-    )
-
-
 @pytest.fixture(autouse=True)
 def shift_method(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = MethodSpec("shift", frozenset({"modify"}), 1, lambda *_: None, compute_shift, "test")
-    monkeypatch.setitem(edit_methods.METHODS, "shift", spec)
+    install_shift(monkeypatch)
 
 
 def build(state_dir: Path):  # noqa: ANN201
@@ -105,13 +93,6 @@ def chat(client: TestClient, question: str) -> tuple[int, str, str]:
 
 def state(client: TestClient):  # noqa: ANN201
     return client.app.state.editserve
-
-
-def weights_hash(client: TestClient) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(state(client).engine.model.state_dict().items()):
-        h.update(name.encode() + p.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("method", ["ike", "ice", "serac"])
@@ -177,7 +158,7 @@ def test_memory_and_parameter_edits_undo_in_any_order_and_replay_exactly(tmp_pat
         base = weights_hash(first)
         ids = [
             post(first, "ike").json()["id"],
-            post(first, "shift").json()["id"],
+            post(first, "shift", hparams={"layer": 0}).json()["id"],
             post(first, "grace", hparams={"layer": 1, "steps": 3}).json()["id"],
             post(first, "serac", "Paris").json()["id"],
             post(first, "grace", "Oslo", hparams={"layer": 1, "steps": 3}).json()["id"],
