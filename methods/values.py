@@ -11,6 +11,11 @@ Cost. δ enters at the subject's last token, so no position before it can change
 values; each step then runs only the suffix from the subject's last token on, attending to the
 recorded prefix. No weight takes a gradient (weights have requires_grad False; δ is the only
 leaf), and logits are computed only where the loss reads them.
+
+Large batches (MEMIT with 100 requests is 300 rows) run in chunks of rows of similar length, each
+padded only to its own longest row: the recording pass and every step's forward and backward
+(gradients accumulate, so the result is the same). Padding to the longest row of the whole batch
+wasted a third of the work, and one pass over all rows held ~10 GB of activations.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from torch import nn
 
 from methods.base import EditContext
 from methods.common import ChatSequence, causal_mask, first_input, padded
+
+# Tokens per chunk (rows × padded length) in a replay's passes. ~1 MB of activations per token
+# when the backward runs through 20-odd layers of a 576-wide model.
+CHUNK_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -96,13 +105,42 @@ def _replace_output(output: torch.Tensor | tuple, new: torch.Tensor) -> torch.Te
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
+def length_chunks(lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Row indices [lengths.numel()] split into chunks of similar length: rows sorted by length,
+    each chunk as many as fit `budget` tokens when padded to its longest (at least one row)."""
+    chunks: list[list[int]] = [[]]
+    for length, row in zip(*(t.tolist() for t in lengths.sort(stable=True)), strict=True):
+        if chunks[-1] and (len(chunks[-1]) + 1) * length > budget:
+            chunks.append([])
+        chunks[-1].append(row)
+    return [torch.tensor(c, dtype=torch.long, device=lengths.device) for c in chunks]
+
+
+def _pad_to(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """x zero-padded along `dim` to `width`."""
+    shape = list(x.shape)
+    shape[dim] = width - x.shape[dim]
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+@dataclass
+class _Recorded:
+    """What one chunk's recording pass keeps (rows in chunk order, cut to the chunk's width)."""
+
+    prefix: _PrefixKV
+    hidden: torch.Tensor  # [b, t, d]
+    keys: torch.Tensor  # [b, t, d_in]
+    v0: torch.Tensor  # [b, d_out]
+
+
 class SuffixReplay:
     """A batch of chat sequences, ready to be re-run with δ added at each row's subject.
 
-    The constructor runs the whole batch once without grad, recording every layer's keys and
-    values (`_PrefixKV`), the inputs of `down_proj(key_layer)` at every position (`keys`) and the
-    output of `delta_module` at row 0's subject (`v0`). `hidden(delta)` then runs only the
-    suffixes ids[b, subject_b:], with δ added to `delta_module`'s output at their first token.
+    The constructor runs the whole batch once without grad, in chunks of similar length,
+    recording every layer's keys and values (`_PrefixKV`), the inputs of `down_proj(key_layer)`
+    at every position (`keys`), the final hidden states (`full_hidden`) and the output of
+    `delta_module` at each row's subject (`v0`). `hidden(delta)` then runs only the suffixes
+    ids[b, subject_b:], with δ added to `delta_module`'s output at their first token.
     """
 
     def __init__(
@@ -111,67 +149,111 @@ class SuffixReplay:
         key_layer: int,
         delta_module: nn.Module,
         seqs: Sequence[ChatSequence],
+        chunk_tokens: int = CHUNK_TOKENS,
     ) -> None:
         self.ctx, self.delta_module = ctx, delta_module
         dev = ctx.device
         ids, self.lengths = padded([s.ids for s in seqs], ctx.tokenizer.pad_token_id or 0)
         ids, self.lengths = ids.to(dev), self.lengths.to(dev)
-        batch, width = ids.shape
+        width = ids.shape[1]
         self.subject = torch.tensor([s.subject_pos for s in seqs], device=dev)  # [B]
         self.answer = torch.tensor([s.answer_pos for s in seqs], device=dev)  # [B]
+
+        chunks = length_chunks(self.lengths, chunk_tokens)
+        parts = [self._record(key_layer, ids[rows], self.lengths[rows], rows) for rows in chunks]
+        back = torch.cat(chunks).argsort()  # chunk order -> row order
+
+        def joined(tensors: list[torch.Tensor], dim: int | None = None) -> torch.Tensor:
+            if dim is not None:
+                tensors = [_pad_to(t, width, dim) for t in tensors]
+            return torch.cat(tensors)[back]
+
+        self.prefix = _PrefixKV()
+        self.prefix.recording, self.prefix.width = False, width
+        for layer in parts[0].prefix.keys:
+            self.prefix.keys[layer] = joined([p.prefix.keys[layer] for p in parts], 2)
+            self.prefix.values[layer] = joined([p.prefix.values[layer] for p in parts], 2)
+        self.full_hidden = joined([p.hidden for p in parts], 1)  # [B, T, d]
+        self.keys = joined([p.keys for p in parts], 1)  # [B, T, d_in]
+        self.v0 = joined([p.v0 for p in parts])  # [B, d_out]
+
+        # Row b's suffix is ids[b, subject_b:], right-padded to S; δ enters at its column 0.
+        span = int((self.lengths - self.subject).max())
+        self.cols = self.subject[:, None] + torch.arange(span, device=dev)  # [B, S]
+        self.suffix = ids.gather(1, self.cols.clamp(max=width - 1))
+        self.sees_prefix = torch.arange(width, device=dev)[None, :] < self.subject[:, None]
+
+    def _record(
+        self, key_layer: int, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor
+    ) -> _Recorded:
+        """The no-grad pass over some rows, cut to their longest."""
+        ctx, dev = self.ctx, ids.device
+        ids = ids[:, : int(lengths.max())]
+        batch, width = ids.shape
+        subject = self.subject[rows]
         captured: dict[str, torch.Tensor] = {}
 
         def grab_keys(_: nn.Module, inputs: tuple) -> None:
             captured["keys"] = first_input(inputs).detach()
 
         def grab_v0(_: nn.Module, __: tuple, output: torch.Tensor | tuple) -> None:
-            rows = torch.arange(batch, device=dev)
-            captured["v0"] = _output_tensor(output)[rows, self.subject].detach()
+            at = torch.arange(batch, device=dev)
+            captured["v0"] = _output_tensor(output)[at, subject].detach()
 
-        self.prefix = _PrefixKV()
+        prefix = _PrefixKV()
         handles = [
             ctx.arch.down_proj(key_layer).register_forward_pre_hook(grab_keys),
-            delta_module.register_forward_hook(grab_v0),
+            self.delta_module.register_forward_hook(grab_v0),
         ]
         try:
             with torch.inference_mode(False), torch.no_grad():
-                self.full_hidden = ctx.model.base_model(
+                hidden = ctx.model.base_model(
                     input_ids=ids,
                     attention_mask=causal_mask(batch, width, dev),
                     position_ids=torch.arange(width, device=dev).expand(batch, width),
-                    cache=self.prefix,
+                    cache=prefix,
                     use_cache=True,
-                ).last_hidden_state  # [B, T, d]
+                ).last_hidden_state
         finally:
             for handle in handles:
                 handle.remove()
-        self.prefix.recording = False
-        self.keys, self.v0 = captured["keys"], captured["v0"]  # [B, T, d_in], [B, d_out]
+        return _Recorded(prefix, hidden, captured["keys"], captured["v0"])
 
-        # Row b's suffix is ids[b, subject_b:], right-padded to S; δ enters at its column 0.
-        span = int((self.lengths - self.subject).max())
-        self.cols = self.subject[:, None] + torch.arange(span, device=dev)  # [B, S]
-        self.suffix = ids.gather(1, self.cols.clamp(max=width - 1))
-        sees_prefix = torch.arange(width, device=dev)[None, :] < self.subject[:, None]  # [B, T]
-        causal = torch.ones(span, span, dtype=torch.bool, device=dev).tril()
-        self.mask = torch.cat(
-            [sees_prefix[:, None, :].expand(batch, span, width), causal.expand(batch, span, span)],
-            dim=2,
-        )[:, None]  # [B, 1, S, T+S]
+    def suffix_lengths(self) -> torch.Tensor:
+        """[B]: the real (unpadded) length of each row's suffix."""
+        return self.lengths - self.subject
 
     def rows(self, keep: torch.Tensor) -> SuffixReplay:
-        """A replay of only the rows `keep` [n] (sharing everything recorded)."""
+        """A replay of only the rows `keep` [n] (sharing everything recorded), its suffix and
+        prefix cut to those rows' longest."""
+        span = int(self.suffix_lengths()[keep].max())
+        width = int(self.subject[keep].max())  # a row's prefix is the positions before its subject
         part = copy.copy(self)
         part.prefix = _PrefixKV()
-        part.prefix.recording, part.prefix.width = False, self.prefix.width
-        part.prefix.keys = {i: t[keep] for i, t in self.prefix.keys.items()}
-        part.prefix.values = {i: t[keep] for i, t in self.prefix.values.items()}
-        part.suffix, part.cols, part.mask = self.suffix[keep], self.cols[keep], self.mask[keep]
+        part.prefix.recording, part.prefix.width = False, width
+        part.prefix.keys = {i: t[keep, :, :width] for i, t in self.prefix.keys.items()}
+        part.prefix.values = {i: t[keep, :, :width] for i, t in self.prefix.values.items()}
+        part.lengths, part.subject, part.answer = (
+            self.lengths[keep],
+            self.subject[keep],
+            self.answer[keep],
+        )
+        part.suffix, part.cols = self.suffix[keep, :span], self.cols[keep, :span]
+        part.sees_prefix = self.sees_prefix[keep, :width]
         return part
 
     def hidden(self, delta: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, S, d] of the suffixes with δ added at column 0 (δ: [d_out] for
         every row or [B, d_out] one per row); column j of row b is position subject_b + j."""
+        batch, span = self.suffix.shape
+        causal = torch.ones(span, span, dtype=torch.bool, device=self.suffix.device).tril()
+        mask = torch.cat(
+            [
+                self.sees_prefix[:, None, :].expand(batch, span, self.prefix.width),
+                causal.expand(batch, span, span),
+            ],
+            dim=2,
+        )[:, None]  # [B, 1, S, T+S]
 
         def add_delta(
             _: nn.Module, __: tuple, output: torch.Tensor | tuple
@@ -185,7 +267,7 @@ class SuffixReplay:
             with torch.inference_mode(False):
                 return self.ctx.model.base_model(
                     input_ids=self.suffix,
-                    attention_mask=self.mask,
+                    attention_mask=mask,
                     position_ids=self.cols,
                     cache=self.prefix,
                     use_cache=True,
@@ -195,13 +277,18 @@ class SuffixReplay:
 
 
 def optimise_values(
-    ctx: EditContext, replay: SuffixReplay, groups: Sequence[ValueGroup], settings: ValueSettings
+    ctx: EditContext,
+    replay: SuffixReplay,
+    groups: Sequence[ValueGroup],
+    settings: ValueSettings,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> list[ValueResult]:
     """δ for each request (group) of a replay, optimised together.
 
     Rows depend only on their own request's δ and the loss is a sum over requests, so this is
-    the same as one optimisation per request, at the price of one batched pass per step. A
-    request whose targets are reached stops (its rows leave the batch); the others go on.
+    the same as one optimisation per request. Each step runs the active requests' rows in chunks
+    (forward, then backward, gradients accumulating), then takes one Adam step. A request whose
+    targets are reached stops (its rows leave the batch); the others go on.
     """
     dev, head = ctx.device, ctx.arch.lm_head
     n = len(groups)
@@ -214,138 +301,158 @@ def optimise_values(
             es_at = replay.full_hidden[es_rows, replay.answer[es_rows]]
             ref_logp = F.log_softmax(head(es_at).float(), -1).clone() if es_rows else None
         ref_of = dict(zip(es_rows, range(len(es_rows)), strict=True))
+        with_essence = settings.kl_factor > 0 and bool(es_rows)
 
         deltas = torch.zeros_like(v0, requires_grad=True)  # [n, d_out]
         optimiser = torch.optim.Adam([deltas], lr=settings.lr)
         results: list[ValueResult | None] = [None] * n
         active = list(range(n))
-        problem = _Problem(replay, groups, active, settings.kl_factor > 0, ref_of, dev)
+        chunks = _chunks(replay, groups, active, with_essence, ref_of, chunk_tokens)
         for step in range(settings.steps + 1):
-            hidden = problem.replay.hidden(deltas[problem.row_request])  # [B, S, d]
-            logp = F.log_softmax(head(hidden[problem.tgt_rows, problem.tgt_cols]).float(), -1)
-            tok_logp = logp.gather(1, problem.tgt[:, None])[:, 0]  # [N]
-            nll = _per_request_mean(-tok_logp, problem.tgt_req, n)  # [n]
-            check = problem.stop_check if settings.stop_on_prompt else slice(None)
-            reached = _reached(
-                logp[check],
-                tok_logp[check],
-                problem.tgt[check],
-                problem.tgt_req[check],
-                n,
-                settings.stop_margin,
-            )
-            finished = [r for r in active if bool(reached[r]) or step == settings.steps]
+            last = step == settings.steps
+            optimiser.zero_grad()
+            nll = torch.zeros(n, device=dev)  # mean NLL of each request's targets
+            misses = torch.zeros(n, device=dev)  # target tokens not yet the argmax
+            for chunk in chunks:
+                with torch.set_grad_enabled(not last):
+                    chunk_nll, chunk_kl, chunk_misses = chunk.loss(
+                        deltas, head, ref_logp, settings, n
+                    )
+                    if not last:
+                        (chunk_nll.sum() + settings.kl_factor * chunk_kl.sum()).backward()
+                nll += chunk_nll.detach()
+                misses += chunk_misses
+            reached = misses == 0
+            finished = [r for r in active if bool(reached[r]) or last]
             for r in finished:
                 results[r] = ValueResult(
                     delta=deltas[r].detach().clone(),
                     v0_norm=float(v0_norm[r]),
                     steps=step,
-                    nll=float(nll[r].detach()),
+                    nll=float(nll[r]),
                     reached=bool(reached[r]),
                 )
             active = [r for r in active if r not in finished]
             if not active:
                 break
-            loss = nll[active].sum()  # finished requests' rows still ran, but take no step
-            if settings.kl_factor and problem.es_rows.numel():
-                now = F.log_softmax(
-                    head(hidden[problem.es_rows, problem.es_cols]).float(), -1
-                )  # [E, V]
-                kl = F.kl_div(now, ref_logp[problem.es_ref], log_target=True, reduction="none")
-                kl = _per_request_mean(kl.sum(-1), problem.es_req, n)  # [n]
-                loss = loss + settings.kl_factor * kl[active].sum()
             if settings.weight_decay:
                 decay = deltas.pow(2).sum(1) / v0_norm**2
-                loss = loss + settings.weight_decay * decay[active].sum()
-            optimiser.zero_grad()
-            loss.backward()
+                (settings.weight_decay * decay[active].sum()).backward()
             frozen = deltas.detach().clone()
             optimiser.step()
             with torch.no_grad():
                 done = torch.ones(n, dtype=torch.bool, device=dev)
                 done[active] = False
-                deltas[done] = frozen[done]  # Adam's momentum must not move finished requests
+                deltas[done] = frozen[done]  # finished requests take no step
                 max_norm = settings.clamp_norm_factor * v0_norm  # [n]
                 scale = (max_norm / deltas.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
                 deltas.mul_(scale[:, None])
             if finished:  # their rows leave the batch
-                problem = _Problem(replay, groups, active, settings.kl_factor > 0, ref_of, dev)
+                chunks = _chunks(replay, groups, active, with_essence, ref_of, chunk_tokens)
     return [r for r in results if r is not None]
 
 
-class _Problem:
-    """Index arrays of the loss for the rows of `active` requests (rebuilt when one stops)."""
+class _Chunk:
+    """Some rows of the active requests, with the index arrays of their part of the loss."""
 
     def __init__(
         self,
         replay: SuffixReplay,
+        rows: list[tuple[int, int, bool]],  # (replay row, request, is an essence row)
         groups: Sequence[ValueGroup],
-        active: list[int],
-        with_essence: bool,
         ref_of: dict[int, int],
         dev: torch.device,
     ) -> None:
-        rows, row_request = [], []
-        tgt_rows, tgt_cols, tgt, tgt_req, stop_check = [], [], [], [], []
-        es_rows, es_cols, es_req, es_ref = [], [], [], []
+        row_request, tgt_rows, tgt_cols, tgt, tgt_req, tgt_weight, stop_check = (
+            [] for _ in range(7)
+        )
+        es_rows, es_cols, es_req, es_ref, es_weight = ([] for _ in range(5))
         answer_cols = (replay.answer - replay.subject).tolist()  # suffix coordinates
-        for r in active:
+        for at, (row, r, essence) in enumerate(rows):
             g = groups[r]
-            for i, row in enumerate(g.rewrite_rows):
-                at = len(rows)
-                rows.append(row)
-                row_request.append(r)
-                for j, token in enumerate(g.answer):
-                    stop_check.append(i == 0)
-                    tgt_rows.append(at)
-                    tgt_cols.append(answer_cols[row] + j)
-                    tgt.append(token)
-                    tgt_req.append(r)
-            for row in g.essence_rows if with_essence else ():
-                es_rows.append(len(rows))
+            row_request.append(r)
+            if essence:  # KL of the first answer token, averaged over the request's essence rows
+                es_rows.append(at)
                 es_cols.append(answer_cols[row])
                 es_req.append(r)
                 es_ref.append(ref_of[row])
-                rows.append(row)
-                row_request.append(r)
+                es_weight.append(1 / len(g.essence_rows))
+                continue
+            n_tokens = len(g.rewrite_rows) * len(g.answer)  # NLL: mean over all of them
+            for j, token in enumerate(g.answer):
+                stop_check.append(row == g.rewrite_rows[0])
+                tgt_rows.append(at)
+                tgt_cols.append(answer_cols[row] + j)
+                tgt.append(token)
+                tgt_req.append(r)
+                tgt_weight.append(1 / n_tokens)
 
-        def t(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long, device=dev)
+        def t(x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, device=dev)
 
-        self.replay = replay.rows(t(rows))
+        self.replay = replay.rows(t([row for row, _, _ in rows]))
         self.row_request = t(row_request)
-        self.tgt_rows, self.tgt_cols, self.tgt, self.tgt_req = (
-            t(tgt_rows),
-            t(tgt_cols),
-            t(tgt),
-            t(tgt_req),
+        self.tgt_rows, self.tgt_cols, self.tgt, self.tgt_req = map(
+            t, (tgt_rows, tgt_cols, tgt, tgt_req)
         )
-        self.stop_check = torch.tensor(stop_check, dtype=torch.bool, device=dev)
-        self.es_rows, self.es_cols, self.es_req, self.es_ref = (
-            t(es_rows),
-            t(es_cols),
-            t(es_req),
-            t(es_ref),
+        self.tgt_weight = t(tgt_weight, torch.float32)
+        self.stop_check = t(stop_check, torch.bool)
+        self.es_rows, self.es_cols, self.es_req, self.es_ref = map(
+            t, (es_rows, es_cols, es_req, es_ref)
         )
+        self.es_weight = t(es_weight, torch.float32)
+
+    def loss(
+        self,
+        deltas: torch.Tensor,
+        head: nn.Module,
+        ref_logp: torch.Tensor | None,
+        settings: ValueSettings,
+        n: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This chunk's share of each request's NLL and KL ([n] each, summing to the request's
+        mean over all its rows), and of its target tokens that are not yet the argmax ([n])."""
+        hidden = self.replay.hidden(deltas[self.row_request])  # [b, S, d]
+        nll = torch.zeros(n, device=deltas.device)
+        kl = torch.zeros(n, device=deltas.device)
+        misses = torch.zeros(n, device=deltas.device)
+        if self.tgt.numel():
+            logp = F.log_softmax(head(hidden[self.tgt_rows, self.tgt_cols]).float(), -1)
+            tok_logp = logp.gather(1, self.tgt[:, None])[:, 0]  # [N]
+            nll = nll.index_add(0, self.tgt_req, -tok_logp * self.tgt_weight)
+            check = self.stop_check if settings.stop_on_prompt else slice(None)
+            others = logp.detach()[check].scatter(1, self.tgt[check, None], float("-inf")).amax(1)
+            missed = (tok_logp.detach()[check] - others < settings.stop_margin).float()
+            misses = misses.index_add(0, self.tgt_req[check], missed)
+        if self.es_rows.numel() and ref_logp is not None:
+            now = F.log_softmax(head(hidden[self.es_rows, self.es_cols]).float(), -1)  # [E, V]
+            ref = ref_logp[self.es_ref]
+            per_row = F.kl_div(now, ref, log_target=True, reduction="none").sum(-1)
+            kl = kl.index_add(0, self.es_req, per_row * self.es_weight)
+        return nll, kl, misses
 
 
-def _per_request_mean(x: torch.Tensor, request: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of x [N] per request index [N] -> [n] (0 where a request has none)."""
-    total = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, request, x)
-    count = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, request, torch.ones_like(x))
-    return total / count.clamp_min(1)
-
-
-def _reached(
-    logp: torch.Tensor,
-    tok_logp: torch.Tensor,
-    tgt: torch.Tensor,
-    request: torch.Tensor,
-    n: int,
-    margin: float,
-) -> torch.Tensor:
-    """[n] bool: every target token of the request beats every other token by `margin`."""
-    others = logp.detach().scatter(1, tgt[:, None], float("-inf")).amax(1)  # [N]
-    missed = (tok_logp.detach() - others < margin).float()
-    misses = torch.zeros(n, device=logp.device).index_add(0, request, missed)
-    return misses == 0
+def _chunks(
+    replay: SuffixReplay,
+    groups: Sequence[ValueGroup],
+    active: list[int],
+    with_essence: bool,
+    ref_of: dict[int, int],
+    chunk_tokens: int,
+) -> list[_Chunk]:
+    """The rows of the `active` requests, in chunks of similar suffix length."""
+    rows = [
+        (row, r, essence)
+        for r in active
+        for rows_of, essence in (
+            (groups[r].rewrite_rows, False),
+            (groups[r].essence_rows if with_essence else (), True),
+        )
+        for row in rows_of
+    ]
+    lengths = replay.suffix_lengths()[torch.tensor([row for row, _, _ in rows])]
+    dev = replay.suffix.device
+    return [
+        _Chunk(replay, [rows[i] for i in chunk.tolist()], groups, ref_of, dev)
+        for chunk in length_chunks(lengths.cpu(), chunk_tokens)
+    ]

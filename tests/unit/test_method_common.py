@@ -196,3 +196,39 @@ def test_values_optimised_together_equal_values_optimised_one_by_one() -> None:
         assert alone.steps == together[i].steps
         torch.testing.assert_close(alone.delta, together[i].delta, atol=1e-4, rtol=1e-3)
         assert alone.delta.norm() <= 3.0 * alone.v0_norm + 1e-4  # the norm ball holds
+
+
+def test_chunked_replay_and_optimisation_equal_one_pass() -> None:
+    # Rows of different lengths: chunks pad only to their own longest, and gradients accumulate
+    # over chunks, so one row per chunk must give what one pass over all rows gives.
+    ctx = make_ctx("llama")
+    module = ctx.arch.down_proj(1)
+    facts = [
+        ("Where is the Eiffel Tower in the city of lights?", "Eiffel Tower", "Rome"),
+        ("Who wrote Hamlet?", "Hamlet", "Leo Tolstoy of Russia"),
+        ("Which company makes the iPhone?", "iPhone", "Nokia"),
+    ]
+    settings = ValueSettings(
+        steps=5, lr=0.5, kl_factor=0.1, weight_decay=0.01, clamp_norm_factor=3.0, stop_margin=0.0
+    )
+    seqs, groups = [], []
+    for question, subject, target in facts:
+        answer = target_ids(ctx.tokenizer, target)
+        rewrites = [chat_sequence(ctx, q, subject, answer) for q in context_questions(question, 2)]
+        essence = [chat_sequence(ctx, f"What is {subject}?", subject)]
+        first = len(seqs)
+        seqs += [*rewrites, *essence]
+        groups.append(ValueGroup((first, first + 1), (first + 2,), tuple(answer)))
+    one_pass = SuffixReplay(ctx, 1, module, seqs, chunk_tokens=10**6)
+    by_row = SuffixReplay(ctx, 1, module, seqs, chunk_tokens=1)
+    assert len({len(s.ids) for s in seqs}) > 1  # the chunks really differ in width
+    for name in ("keys", "v0", "full_hidden"):
+        a, b = getattr(one_pass, name), getattr(by_row, name)
+        real = torch.arange(a.shape[1])[None, :] < one_pass.lengths[:, None] if a.dim() == 3 else ...
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-4)
+    together = optimise_values(ctx, one_pass, groups, settings, chunk_tokens=10**6)
+    chunked = optimise_values(ctx, by_row, groups, settings, chunk_tokens=1)
+    for a, b in zip(together, chunked, strict=True):
+        assert a.steps == b.steps
+        torch.testing.assert_close(a.delta, b.delta, atol=1e-4, rtol=1e-3)
+        assert a.nll == pytest.approx(b.nll, rel=1e-4, abs=1e-5)
