@@ -40,6 +40,7 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     from editserve.engine.transformers_engine import TransformersEngine
     from editserve.metrics import ServerMetrics
     from editserve.modelstore import load_model
+    from editserve.threads import release_thread_team
     from memory.encoder import SentenceEncoder
     from methods.stats import StatsCache, StatsSource
 
@@ -78,6 +79,7 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         encoder,
     )
     edits.replay()
+    release_thread_team()  # loading is done: this thread's OpenMP team goes (editserve.threads)
     return build_app(settings, engine, metrics, edits)
 
 

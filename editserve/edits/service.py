@@ -35,6 +35,7 @@ from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.engine.workbench import added_delta, make_workbench
 from editserve.faults import crash_point
+from editserve.threads import releasing_team
 from memory.encoder import SentenceEncoder
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.memory_common import MemoryPayload
@@ -283,7 +284,9 @@ class EditService:
 
             t = time.monotonic()
             try:
-                result = await asyncio.to_thread(self._compute, spec, edit.requests, resolved)
+                result = await asyncio.to_thread(
+                    releasing_team(self._compute), spec, edit.requests, resolved
+                )
             except (ValueError, DeltaRejected) as exc:
                 raise EditError(400, str(exc), "requests") from exc
             timings["compute_s"] = time.monotonic() - t
@@ -295,7 +298,7 @@ class EditService:
             if dry_run:
                 after = (
                     await asyncio.to_thread(
-                        self._workbench_answers, questions + probes, result, method
+                        releasing_team(self._workbench_answers), questions + probes, result, method
                     )
                     if checks
                     else []
@@ -472,7 +475,9 @@ class EditService:
             spec = METHODS[edit.method]
             config = self.engine.model.config
             resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
-            delta = await asyncio.to_thread(spec.compute, self.context, edit.requests, resolved)
+            delta = await asyncio.to_thread(
+                releasing_team(spec.compute), self.context, edit.requests, resolved
+            )
             await asyncio.to_thread(self.journal.replace_payload, edit_id, delta.to_tensors())
 
             def reapply(edit_id: str = edit_id, delta: ParamDelta = delta) -> None:

@@ -23,6 +23,7 @@ from editserve.engine.kvcache import SlotKVCache
 from editserve.engine.request import GenerationChunk, OutputStream, PromptScores, RequestHandle
 from editserve.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from editserve.modelstore import LoadedModel
+from editserve.threads import release_thread_team
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class TransformersEngine:
                         or self._between
                     ):
                         self._cache.shrink()  # idle: give grown cache memory back
+                        release_thread_team()  # and the OpenMP team (editserve.threads)
                         self._wake.wait()
                     if self._stopping:
                         return
