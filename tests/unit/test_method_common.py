@@ -12,6 +12,7 @@ from editserve.architectures import resolve
 from methods.base import EditContext
 from methods.common import (
     CONTEXT_PREFIXES,
+    ChatSequence,
     added_low_rank,
     chat_sequence,
     collect_keys,
@@ -169,6 +170,21 @@ def test_hparams_overrides_are_checked(overrides: object, message: str) -> None:
         load_hparams(_Params, "no-such-method", "llama", 12, overrides)  # type: ignore[arg-type]
 
 
+def _fact_rows(
+    ctx: EditContext, facts: list[tuple[str, str, str]]
+) -> tuple[list[ChatSequence], list[ValueGroup]]:
+    """Per (question, subject, target): 2 context rows and 1 essence row, as MEMIT builds them."""
+    seqs, groups = [], []
+    for question, subject, target in facts:
+        answer = target_ids(ctx.tokenizer, target)
+        rewrites = [chat_sequence(ctx, q, subject, answer) for q in context_questions(question, 2)]
+        essence = [chat_sequence(ctx, f"What is {subject}?", subject)]
+        first = len(seqs)
+        seqs += [*rewrites, *essence]
+        groups.append(ValueGroup((first, first + 1), (first + 2,), tuple(answer)))
+    return seqs, groups
+
+
 def test_values_optimised_together_equal_values_optimised_one_by_one() -> None:
     ctx = make_ctx("llama")
     module = ctx.arch.down_proj(1)
@@ -179,14 +195,7 @@ def test_values_optimised_together_equal_values_optimised_one_by_one() -> None:
     settings = ValueSettings(
         steps=6, lr=0.5, kl_factor=0.1, weight_decay=0.01, clamp_norm_factor=3.0, stop_margin=0.0
     )
-    seqs, groups = [], []
-    for question, subject, target in facts:
-        answer = target_ids(ctx.tokenizer, target)
-        rewrites = [chat_sequence(ctx, q, subject, answer) for q in context_questions(question, 2)]
-        essence = [chat_sequence(ctx, f"What is {subject}?", subject)]
-        first = len(seqs)
-        seqs += [*rewrites, *essence]
-        groups.append(ValueGroup((first, first + 1), (first + 2,), tuple(answer)))
+    seqs, groups = _fact_rows(ctx, facts)
     together = optimise_values(ctx, SuffixReplay(ctx, 1, module, seqs), groups, settings)
     for i, group in enumerate(groups):
         rows = list(group.rewrite_rows + group.essence_rows)
@@ -211,14 +220,7 @@ def test_chunked_replay_and_optimisation_equal_one_pass() -> None:
     settings = ValueSettings(
         steps=5, lr=0.5, kl_factor=0.1, weight_decay=0.01, clamp_norm_factor=3.0, stop_margin=0.0
     )
-    seqs, groups = [], []
-    for question, subject, target in facts:
-        answer = target_ids(ctx.tokenizer, target)
-        rewrites = [chat_sequence(ctx, q, subject, answer) for q in context_questions(question, 2)]
-        essence = [chat_sequence(ctx, f"What is {subject}?", subject)]
-        first = len(seqs)
-        seqs += [*rewrites, *essence]
-        groups.append(ValueGroup((first, first + 1), (first + 2,), tuple(answer)))
+    seqs, groups = _fact_rows(ctx, facts)
     one_pass = SuffixReplay(ctx, 1, module, seqs, chunk_tokens=10**6)
     by_row = SuffixReplay(ctx, 1, module, seqs, chunk_tokens=1)
     assert len({len(s.ids) for s in seqs}) > 1  # the chunks really differ in width
