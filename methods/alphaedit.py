@@ -7,10 +7,12 @@ ordinary keys hardly use. With K [n, d_in] this edit's keys, K_p [m, d_in] the k
 edits at l (`EditContext.edited_keys`: rebuilt from the journaled edits, so undo and restart keep
 it exact) and R the layer's share of the residual:
 
-    ΔW_l = Rᵀ · ((P (KᵀK + K_pᵀK_p) + λ I)⁻¹ P Kᵀ)ᵀ
+    ΔW_l = Rᵀ · ((P (KᵀK + w K_pᵀK_p) + λ I)⁻¹ P Kᵀ)ᵀ
 
 Every row of ΔW_l lies in P's range, so ΔW_l k ≈ 0 for a key of ordinary text (preserved), and
-the K_p term keeps earlier edits' keys where they were written (sequential editing).
+the K_p term keeps earlier edits' keys where they were written (sequential editing). The paper
+weighs it like the new keys (w = 1); w > 1 (`preserve_weight`) trades a new edit's fit where its
+keys overlap earlier ones for less drift of the earlier edits.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from methods.memit import LayerSolve, TargetHyperParams, check_common, edit_laye
 class AlphaEditHyperParams(TargetHyperParams):
     nullspace_threshold: float = 0.5  # relative to the mean eigenvalue of C
     l2: float = 1.0  # λ, the ridge that keeps the solve well posed
+    preserve_weight: float = 1.0  # w, the weight of earlier edits' keys (the paper: 1)
 
 
 def load_alphaedit_hparams(
@@ -39,6 +42,8 @@ def load_alphaedit_hparams(
         problems.append(f"nullspace_threshold must be positive, not {h.nullspace_threshold}")
     if not h.l2 > 0:
         problems.append(f"l2 must be positive, not {h.l2}")
+    if not h.preserve_weight >= 0:
+        problems.append(f"preserve_weight must not be negative, not {h.preserve_weight}")
     if problems:
         raise ValueError("; ".join(problems))
     return h
@@ -60,7 +65,7 @@ def compute_alphaedit(
             gram = k.T @ k
             if ctx.edited_keys is not None:
                 earlier = ctx.edited_keys(name).to(k)  # [m, d_in]
-                gram = gram + earlier.T @ earlier
+                gram = gram + h.preserve_weight * (earlier.T @ earlier)
             a = p @ gram + h.l2 * torch.eye(p.shape[0], dtype=k.dtype, device=k.device)
             return torch.linalg.solve(a, p @ k.T).T  # [n, d_in]
 

@@ -153,6 +153,24 @@ def test_alphaedit_protects_the_keys_of_earlier_edits() -> None:
     assert moved < 0.05
 
 
+def test_a_larger_preserve_weight_moves_earlier_keys_less() -> None:
+    ctx = with_stats(completion_ctx("llama"), layers=(1,))
+    name = ctx.arch.down_proj_name(1)
+    base = {**BATCH, "layers": [1], "l2": 1e-2, "nullspace_threshold": 10.0}
+    first = compute_alphaedit(ctx, FACTS[:1], load_alphaedit_hparams("llama", 2, base))
+    earlier = first.keys[name]  # [1, 64]
+    ctx.edited_keys = lambda wanted: earlier if wanted == name else torch.zeros(0, 64)
+    moved = {}
+    for weight in (0.0, 1.0, 100.0):
+        h = load_alphaedit_hparams("llama", 2, {**base, "preserve_weight": weight})
+        moved[weight] = float(
+            (compute_alphaedit(ctx, FACTS[1:2], h).matrix(name) @ earlier.T).norm()
+        )
+    assert moved[100.0] < moved[1.0] < moved[0.0]
+    with pytest.raises(ValueError, match="preserve_weight must not be negative"):
+        load_alphaedit_hparams("llama", 2, {"preserve_weight": -1})
+
+
 def test_the_projector_keeps_the_directions_text_hardly_uses() -> None:
     moment = torch.diag(torch.tensor([4.0, 2.0, 0.01, 0.001]))  # mean eigenvalue ~1.5
     p = null_space_projector(moment, threshold=0.5)
