@@ -203,6 +203,11 @@ def main() -> int:
     parser.add_argument("--seq-methods", default="alphaedit,memit")
     parser.add_argument("--stats-source", choices=["self", "wiki"], default="self")
     parser.add_argument("--stats-tokens", type=int, default=20_000)
+    parser.add_argument(
+        "--cached-stats",
+        action="store_true",
+        help="skip timing the statistics: the server uses (or computes) the cached ones",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "batch_edits.json"
@@ -217,11 +222,12 @@ def main() -> int:
     server, url = None, args.server
     if args.start:
         # Statistics first, timed on a fresh cache; the server then finds them there.
-        sources = {"self": None, **({"wiki": str(WIKI)} if WIKI.is_file() else {})}
-        fresh = Path(tempfile.mkdtemp(prefix="editserve-bench-stats-"))
-        report["statistics"] = compute_stats(fresh, sources, args.stats_tokens)
-        cache_dir = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
-        shutil.copytree(fresh, cache_dir / "stats", dirs_exist_ok=True)
+        if not args.cached_stats:
+            sources = {"self": None, **({"wiki": str(WIKI)} if WIKI.is_file() else {})}
+            fresh = Path(tempfile.mkdtemp(prefix="editserve-bench-stats-"))
+            report["statistics"] = compute_stats(fresh, sources, args.stats_tokens)
+            cache_dir = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve"))
+            shutil.copytree(fresh, cache_dir.expanduser() / "stats", dirs_exist_ok=True)
         env = {
             "EDITSERVE_STATE_DIR": tempfile.mkdtemp(prefix="editserve-bench-state-"),
             "EDITSERVE_STATS_TOKENS": str(args.stats_tokens),
