@@ -115,11 +115,14 @@ def _requests(records: list[dict]) -> list[dict]:
     ]
 
 
-async def post_edit(api: Api, method: str, records: list[dict]) -> tuple[dict, float]:
+async def post_edit(
+    api: Api, method: str, records: list[dict], hparams: dict | None = None
+) -> tuple[dict, float]:
+    body = {"method": method, "checks": False, "requests": _requests(records)}
+    if hparams:
+        body["hparams"] = hparams
     started = time.perf_counter()
-    r = await api.client.post(
-        "/edits", json={"method": method, "checks": False, "requests": _requests(records)}
-    )
+    r = await api.client.post("/edits", json=body)
     elapsed = time.perf_counter() - started
     if r.status_code != 200:
         raise RuntimeError(f"{method} edit of {len(records)} refused: {r.text[:300]}")
@@ -149,11 +152,11 @@ async def run_batches(
 
 
 async def run_sequential(
-    scorer: Scorer, method: str, records: list[dict], batch: int
+    scorer: Scorer, method: str, records: list[dict], batch: int, hparams: dict | None = None
 ) -> list[dict]:
     curve, ids = [], []
     for start in range(0, len(records), batch):
-        edit, elapsed = await post_edit(scorer.api, method, records[start : start + batch])
+        edit, elapsed = await post_edit(scorer.api, method, records[start : start + batch], hparams)
         ids.append(edit["id"])
         done = records[: start + batch]
         point = {"edits": len(done), "compute_s": round(edit["timings"]["compute_s"], 2)}
@@ -183,7 +186,9 @@ async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
         )
     if args.sequential:
         result["sequential"] = {
-            method: await run_sequential(scorer, method, records[: args.sequential], args.seq_batch)
+            method: await run_sequential(
+                scorer, method, records[: args.sequential], args.seq_batch, args.seq_hparams
+            )
             for method in args.seq_methods.split(",")
         }
     await api.close()
@@ -201,6 +206,9 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=0, help="edits kept in sequence")
     parser.add_argument("--seq-batch", type=int, default=50)
     parser.add_argument("--seq-methods", default="alphaedit,memit")
+    parser.add_argument(
+        "--seq-hparams", type=json.loads, help="sequential edits' hparams, e.g. '{\"l2\": 0.1}'"
+    )
     parser.add_argument("--stats-source", choices=["self", "wiki"], default="self")
     parser.add_argument("--stats-tokens", type=int, default=20_000)
     parser.add_argument(
