@@ -178,7 +178,7 @@ class SuffixReplay:
         self.v0 = joined([p.v0 for p in parts])  # [B, d_out]
 
         # Row b's suffix is ids[b, subject_b:], right-padded to S; δ enters at its column 0.
-        span = int((self.lengths - self.subject).max())
+        span = int(self.suffix_lengths().max())
         self.cols = self.subject[:, None] + torch.arange(span, device=dev)  # [B, S]
         self.suffix = ids.gather(1, self.cols.clamp(max=width - 1))
         self.sees_prefix = torch.arange(width, device=dev)[None, :] < self.subject[:, None]
@@ -361,8 +361,8 @@ class _Chunk:
         rows: list[tuple[int, int, bool]],  # (replay row, request, is an essence row)
         groups: Sequence[ValueGroup],
         ref_of: dict[int, int],
-        dev: torch.device,
     ) -> None:
+        dev = replay.suffix.device
         row_request, tgt_rows, tgt_cols, tgt, tgt_req, tgt_weight, stop_check = (
             [] for _ in range(7)
         )
@@ -451,8 +451,7 @@ def _chunks(
         for row in rows_of
     ]
     lengths = replay.suffix_lengths()[torch.tensor([row for row, _, _ in rows])]
-    dev = replay.suffix.device
     return [
-        _Chunk(replay, [rows[i] for i in chunk.tolist()], groups, ref_of, dev)
+        _Chunk(replay, [rows[i] for i in chunk.tolist()], groups, ref_of)
         for chunk in length_chunks(lengths.cpu(), chunk_tokens)
     ]
