@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from editserve import client_cli
+from editserve import client_cli, scope_cli
 from editserve.config import ConfigError, Settings
 from editserve.eval import cli as eval_cli
 
@@ -42,6 +42,7 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     from editserve.modelstore import load_model
     from editserve.threads import release_thread_team
     from memory.encoder import SentenceEncoder
+    from memory.scope import ScopeClassifier
     from methods.stats import StatsCache, StatsSource
 
     if settings.threads:
@@ -71,12 +72,16 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     encoder = SentenceEncoder(
         quantize=settings.memory_encoder == "int8", threads=settings.memory_encoder_threads
     )
+    scope = ScopeClassifier.load(settings.serac_scope) if settings.serac_scope else None
+    if scope is not None:
+        log.info("SERAC scope: %s (threshold %.2f)", settings.serac_scope, scope.threshold)
     edits = EditService(
         engine,
         Journal(settings.state_dir),
         StatsCache(settings.cache_dir / "stats"),
         stats,
         encoder,
+        scope,
     )
     edits.replay()
     release_thread_team()  # loading is done: this thread's OpenMP team goes (editserve.threads)
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     _stats_parser(sub)
     client_cli.add_parsers(sub)
     eval_cli.add_parser(sub)
+    scope_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

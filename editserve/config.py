@@ -59,9 +59,14 @@ class Settings(BaseSettings):
         description="int8: ~2x faster queries, fewer paraphrases retrieved (docs/memory-edits.md)",
     )
     memory_encoder_threads: int = Field(1, ge=1, description="threads of one encoder forward")
+    serac_scope: Path | None = Field(
+        None,
+        description="SERAC's trained scope classifier (`editserve train-scope`); None: cosine",
+    )
     allowed_dirs: list[Path] = Field(
         default_factory=list,
-        description="when set, `model` and `stats_corpus` must lie inside one of these folders",
+        description="when set, `model`, `stats_corpus` and `serac_scope` must lie inside one of "
+        "these folders",
     )
 
     @model_validator(mode="after")
@@ -70,7 +75,7 @@ class Settings(BaseSettings):
         if not self.allowed_dirs:
             return self
         roots = [Path(root).expanduser().resolve() for root in self.allowed_dirs]
-        for name in ("model", "stats_corpus"):
+        for name in ("model", "stats_corpus", "serac_scope"):
             value = getattr(self, name)
             if value is None:
                 continue

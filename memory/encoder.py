@@ -131,7 +131,8 @@ class SentenceEncoder:
             )
             model.to(self._device).eval().requires_grad_(False)
             self._tokenizer = tokenizer
-            with self._thread_count():  # tracing runs a forward: on `threads` too (see below)
+            # Tracing runs a forward: on `threads` too (`intra_op_threads` says why).
+            with intra_op_threads(self.threads):
                 self._model = self._prepare(model, tokenizer)  # last: `loaded` implies both
 
     def _prepare(
@@ -192,7 +193,7 @@ class SentenceEncoder:
         out = torch.empty(len(texts), DIM, dtype=torch.float32)
         # Batches of similar length waste less compute on padding; rows go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with self._thread_count(), torch.jit.optimized_execution(False):
+        with intra_op_threads(self.threads), torch.jit.optimized_execution(False):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 with self._tokenize_lock:
@@ -211,22 +212,23 @@ class SentenceEncoder:
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
         return out
 
-    @contextmanager
-    def _thread_count(self) -> Iterator[None]:
-        """`threads` intra-op threads for this thread's forwards, restored after (the setting
-        is per calling thread in torch's OpenMP backend).
 
-        One thread matters beyond the encoder's own speed: a forward on 2+ threads from a
-        thread other than the engine's makes OpenMP start a second thread team, and with more
-        OpenMP threads than cores libgomp stops spinning between parallel regions, so every
-        later forward of the served model pays thread wake-ups (measured: +40-50 ms on a 1-token
-        chat of the embedded model, 2 cores; docs/memory-edits.md)."""
-        before = torch.get_num_threads()
-        if self.threads is None or self.threads == before:  # nothing to change (or restore)
-            yield
-            return
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+@contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """`threads` intra-op threads for this thread's torch work, restored after (the setting is
+    per calling thread in torch's OpenMP backend); None changes nothing.
+
+    One thread matters beyond the encoder's own speed: a forward on 2+ threads from a thread
+    other than the engine's makes OpenMP start a second thread team, and with more OpenMP
+    threads than cores libgomp stops spinning between parallel regions, so every later forward
+    of the served model pays thread wake-ups (measured: +40-50 ms on a 1-token chat of the
+    embedded model, 2 cores; docs/memory-edits.md)."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:  # nothing to change (or restore)
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

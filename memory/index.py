@@ -37,6 +37,7 @@ class Hit:
     edit_id: str
     entry: dict[str, Any]  # a copy of the payload given to `add`
     score: float  # inner product (cosine for unit-norm embeddings)
+    vector: np.ndarray | None = None  # the entry's embedding, when the search asked for it
 
 
 @dataclass
@@ -104,8 +105,9 @@ class EditMemory:
                 if a and e == edit_id
             ]
 
-    def search(self, queries: torch.Tensor, k: int) -> list[list[Hit]]:
-        """The k entries of highest inner product for each query ([q, d]), best first."""
+    def search(self, queries: torch.Tensor, k: int, vectors: bool = False) -> list[list[Hit]]:
+        """The k entries of highest inner product for each query ([q, d]), best first; with
+        `vectors`, each hit carries its entry's embedding."""
         q = self._as_matrix(queries)  # [q, d]
         with self._lock:
             s = self._state
@@ -124,7 +126,12 @@ class EditMemory:
                 scores, ids = s.index.search(q, k)  # flat keeps no tombstones
             return [
                 [
-                    Hit(s.edit_ids[i], copy.deepcopy(s.payloads[i]), float(sc))
+                    Hit(
+                        s.edit_ids[i],
+                        copy.deepcopy(s.payloads[i]),
+                        float(sc),
+                        s.index.reconstruct(i) if vectors else None,
+                    )
                     for i, sc in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
                     if i >= 0
                 ]

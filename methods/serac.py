@@ -3,10 +3,12 @@
 Mitchell, Lin, Bosselut, Manning, Finn. "Memory-Based Model Editing at Scale", ICML 2022.
 
 - Edit memory: one entry per request, the edit's question embedded with the sentence encoder.
-- Scope classifier: cosine similarity of the user's last message to an entry's question, against
-  the edit's calibrated threshold (docs/memory-edits.md says how it was calibrated). This is the
-  paper's bi-encoder classifier without training: the encoder is all-MiniLM-L6-v2 as is. A
-  trained classifier is not offered (it would need positive/negative scope pairs per model).
+- Scope classifier: by default, cosine similarity of the user's last message to an entry's
+  question, against the edit's calibrated threshold (docs/memory-edits.md says how it was
+  calibrated): the paper's bi-encoder classifier without training, all-MiniLM-L6-v2 as is. A
+  server may instead load a trained classifier (`serac_scope`, trained by `editserve
+  train-scope` on edit datasets: memory/scope.py); it then judges the nearest entries, and the
+  edit's cosine threshold no longer applies.
 - In scope (the best entry reaches its threshold), the counterfactual model answers: the base
   model conditioned on that one edit (the fact put before the question, as ICE does; the paper
   trains a small separate model for this, which a 135M base model makes moot). Out of scope, the

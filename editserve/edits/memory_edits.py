@@ -21,8 +21,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -31,6 +33,7 @@ from editserve.architectures import ResolvedArch
 from memory.codebook import Codebook
 from memory.encoder import DIM, SentenceEncoder
 from memory.index import EditMemory, Hit
+from memory.scope import CANDIDATES, ScopeClassifier
 from methods.grace import label
 from methods.ike import condition
 from methods.memory_common import MemoryContext, MemoryPayload
@@ -47,9 +50,11 @@ class MemoryEdits:
         live: ResolvedArch,
         bench: ResolvedArch,
         encoder: SentenceEncoder | None = None,
+        scope: ScopeClassifier | None = None,
     ) -> None:
         self.live, self.bench = live, bench
         self.encoder = encoder or SentenceEncoder()
+        self.scope = scope  # SERAC's trained scope classifier; None: each entry's cosine threshold
         self.indexes = {"ike": EditMemory(DIM), "serac": EditMemory(DIM)}
         self.codebook = Codebook()
         self.codebook_layer: int | None = None
@@ -149,24 +154,43 @@ class MemoryEdits:
         self, messages: list[dict[str, str]], pending: tuple[str, MemoryPayload] | None = None
     ) -> list[dict[str, Any]]:
         """The entries relevant to the conversation's last user message: IKE/ICE entries
-        (top-k) and SERAC's best one, each only if its similarity reaches its threshold.
+        (top-k) and SERAC's best one, each only if the query falls in its scope (`_reached`).
         `pending` (method, payload): an edit not registered, searched as if it were (dry runs)."""
         users = [m["content"] for m in messages if m["role"] == "user"]
         extra_store = STORES[pending[0]] if pending else None
         if not users or not (self.has_prompt_entries() or extra_store in self.indexes):
             return []
         query = self.encoder.encode_query(users[-1])  # [1, 384]
-        used = []
-        for store, k in (("ike", TOP_K), ("serac", 1)):
-            hits = self.indexes[store].search(query, k)[0] if len(self.indexes[store]) else []
-            if pending and store == extra_store:
-                hits = sorted(hits + _search(query, pending[1], k), key=lambda h: -h.score)[:k]
-            used += [
-                {"edit_id": h.edit_id, "store": store, "score": h.score, **h.entry}
-                for h in hits
-                if h.score >= h.entry["threshold"]
-            ]
-        return used
+        ike = self._reached("ike", query, TOP_K, pending)
+        return ike + self._reached("serac", query, 1, pending)
+
+    def _reached(
+        self, store: str, query: torch.Tensor, k: int, pending: tuple[str, MemoryPayload] | None
+    ) -> list[dict[str, Any]]:
+        """At most k entries of `store` in whose scope the query falls, best first: those whose
+        cosine reaches their edit's threshold, or for SERAC with a trained scope classifier,
+        those of the `CANDIDATES` nearest whose probability reaches the classifier's."""
+        judged = store == "serac" and self.scope is not None
+        wanted = CANDIDATES if judged else k
+        index = self.indexes[store]
+        hits = index.search(query, wanted, vectors=judged)[0] if len(index) else []
+        if pending and STORES[pending[0]] == store:
+            hits = sorted(hits + _search(query, pending[1], wanted), key=lambda h: -h.score)
+            hits = hits[:wanted]
+        if judged and hits:
+            assert self.scope is not None
+            vectors = torch.from_numpy(np.stack([h.vector for h in hits]))
+            probabilities = self.scope.probability(query, vectors).tolist()
+            hits = [replace(h, score=p) for h, p in zip(hits, probabilities, strict=True)]
+            reached = [h for h in hits if h.score >= self.scope.threshold]
+        else:
+            reached = [h for h in hits if h.score >= h.entry["threshold"]]
+        reached.sort(key=lambda h: -h.score)
+        scope = "classifier" if judged else "cosine"
+        return [
+            {"edit_id": h.edit_id, "store": store, "score": h.score, "scope": scope, **h.entry}
+            for h in reached[:k]
+        ]
 
     @contextmanager
     def preview(
@@ -229,9 +253,12 @@ class MemoryEdits:
 def _search(query: torch.Tensor, payload: MemoryPayload, k: int) -> list[Hit]:
     """The k entries of `payload` nearest to `query` ([1, 384]), as `EditMemory.search` would
     rank them were they registered."""
-    scores = (payload.tensors["embeddings"].float() @ query[0].float()).tolist()  # [n]
+    embeddings = payload.tensors["embeddings"].float()  # [n, 384]
+    scores = (embeddings @ query[0].float()).tolist()  # [n]
     best = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
-    return [Hit(DRY_RUN_ID, dict(payload.entries[i]), scores[i]) for i in best]
+    return [
+        Hit(DRY_RUN_ID, dict(payload.entries[i]), scores[i], embeddings[i].numpy()) for i in best
+    ]
 
 
 def describe(method: str, payload: MemoryPayload) -> dict:

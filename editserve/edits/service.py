@@ -37,6 +37,7 @@ from editserve.engine.workbench import added_delta, make_workbench
 from editserve.faults import crash_point
 from editserve.threads import releasing_team
 from memory.encoder import SentenceEncoder
+from memory.scope import ScopeClassifier
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.memory_common import MemoryPayload
 from methods.stats import StatsCache, StatsSource
@@ -99,6 +100,7 @@ class EditService:
         stats_cache: StatsCache | None = None,
         stats_source: StatsSource | None = None,
         encoder: SentenceEncoder | None = None,
+        scope: ScopeClassifier | None = None,
     ) -> None:
         self.engine = engine
         self.journal = journal
@@ -118,7 +120,7 @@ class EditService:
             second_moments=self.second_moments if stats_cache is not None else None,
             edited_keys=self.ledger.edited_keys,
         )
-        self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder)
+        self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder, scope)
         # Journaled as applied but refused at replay (a damaged payload): id -> why.
         self.unreplayed: dict[str, str] = {}
 

@@ -186,6 +186,8 @@ def test_model_and_corpus_paths_stay_inside_the_allowed_folders(tmp_path: Path) 
     link.symlink_to("/etc/hostname")
     with pytest.raises(ValueError, match="stats_corpus"):
         Settings(allowed_dirs=[tmp_path / "models"], stats_corpus=link)
+    with pytest.raises(ValueError, match="serac_scope"):
+        Settings(allowed_dirs=[tmp_path / "models"], serac_scope="/etc/hostname")
 
 
 def test_persisted_state_is_safetensors_json_and_sqlite_only(

@@ -287,3 +287,37 @@ def test_a_grace_edit_at_another_layer_is_refused(client: TestClient) -> None:
     r = post(client, "grace", "Oslo", hparams={"layer": 0, "steps": 2})
     assert r.status_code == 400 and "layer 1" in r.json()["error"]["message"]
     assert len(client.get("/edits").json()["data"]) == 1
+
+
+def forced_scope(log_odds: float):  # noqa: ANN201 (ScopeClassifier)
+    """A scope classifier that rates every (query, entry) pair the same."""
+    from memory.scope import ScopeClassifier
+
+    classifier = ScopeClassifier(BagOfWords.dim)
+    torch.nn.init.zeros_(classifier.net[2].weight)
+    torch.nn.init.constant_(classifier.net[2].bias, log_odds)
+    return classifier
+
+
+def test_a_trained_scope_classifier_decides_serac_scope(client: TestClient) -> None:
+    plain_asked, plain = chat(client, EIFFEL["prompt"])[0], chat(client, UNRELATED)[0]
+    # Cosine alone would fire only on a (near) identical question at this threshold.
+    edit_id = post(client, "serac", hparams={"threshold": 0.95}).json()["id"]
+    memory = state(client).edits.memory
+    asked = [{"role": "user", "content": EIFFEL["prompt"]}]
+    unrelated = [{"role": "user", "content": UNRELATED}]
+    assert [u["scope"] for u in memory.retrieve(asked)] == ["cosine"]
+    assert memory.retrieve(unrelated) == []
+
+    memory.scope = forced_scope(+20.0)  # the classifier, not the entry's threshold, decides
+    used = memory.retrieve(unrelated)
+    assert [(u["edit_id"], u["scope"]) for u in used] == [(edit_id, "classifier")]
+    assert used[0]["score"] == pytest.approx(1.0)
+    assert chat(client, UNRELATED)[0] > plain  # the fact went into that prompt
+    # A dry run searches its own entries the same way.
+    dry = post(client, "serac", "Oslo", dry_run=True, checks=True)
+    assert dry.status_code == 200, dry.text
+
+    memory.scope = forced_scope(-20.0)
+    assert memory.retrieve(asked) == []
+    assert chat(client, EIFFEL["prompt"])[0] == plain_asked  # not even the edit's own question

@@ -50,6 +50,19 @@ def test_add_and_search_exact() -> None:
     assert memory.edit_ids() == [f"e{i}" for i in range(10)]
 
 
+@pytest.mark.parametrize("approx_threshold", [50_000, 10])  # flat, then HNSW
+def test_a_search_may_return_the_entries_vectors(approx_threshold: int) -> None:
+    memory, vectors = filled(20, approx_threshold=approx_threshold)
+    memory.remove("e0")  # HNSW keeps it as a tombstone: its row must not be returned
+    assert memory.approximate == (approx_threshold == 10)
+    hits = memory.search(vectors[2:4], k=3, vectors=True)
+    for row in hits:
+        for h in row:
+            assert h.entry["row"] >= 2
+            assert torch.equal(torch.from_numpy(h.vector), vectors[h.entry["row"]])
+    assert all(h.vector is None for h in memory.search(vectors[2:4], k=3)[0])
+
+
 def test_edge_cases() -> None:
     memory = EditMemory(DIM)
     assert memory.search(unit(2), k=3) == [[], []]
