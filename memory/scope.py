@@ -241,8 +241,12 @@ def classifier_scores(classifier: ScopeClassifier, data: EmbeddedExamples) -> Sc
     others = data.nearest_others(q, torch.arange(len(q)), CANDIDATES)  # [n, c]
     c = others.shape[1]
     probs = classifier.probability(q.repeat_interleave(c, 0), q[others.flatten()])
+    # A paraphrase reaches its own entry only if retrieval puts that among the candidates.
+    near = (data.paraphrases @ q.T).topk(min(CANDIDATES, len(q)), dim=1).indices  # [m, c]
+    retrieved = (near == data.paraphrase_of[:, None]).any(1)
+    own = classifier.probability(data.paraphrases, q[data.paraphrase_of])
     return ScopeScores(
-        paraphrase=classifier.probability(data.paraphrases, q[data.paraphrase_of]),
+        paraphrase=own.masked_fill(~retrieved, 0.0),
         other=probs.view(-1, c).max(1).values if c else torch.zeros(len(q)),
         outside=classifier.probability(data.outside, q[data.outside_of]),
     )
