@@ -44,11 +44,12 @@ QUESTIONS = [
 
 # (name, encoder options): "before" is the encoder as it was (eager float32, torch's threads).
 VARIANTS: dict[str, dict] = {
-    "before_eager_fp32": {"quantize": False, "trace": False, "threads": None},
-    "traced_fp32": {"quantize": False, "trace": True, "threads": None},
-    "traced_fp32_1thread": {"quantize": False, "trace": True, "threads": 1},
-    "traced_int8": {"quantize": True, "trace": True, "threads": None},
-    "traced_int8_1thread": {"quantize": True, "trace": True, "threads": 1},
+    "before_eager_fp32": {"quantize": False, "runtime": "eager", "threads": None},
+    "traced_fp32": {"quantize": False, "runtime": "torchscript", "threads": None},
+    "traced_fp32_1thread": {"quantize": False, "runtime": "torchscript", "threads": 1},
+    "traced_int8": {"quantize": True, "runtime": "torchscript", "threads": None},
+    "traced_int8_1thread": {"quantize": True, "runtime": "torchscript", "threads": 1},
+    "onnx_fp32_1thread": {"quantize": False, "runtime": "onnx", "threads": 1},
 }
 
 

@@ -70,7 +70,9 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         n_tokens=settings.stats_tokens,
     )
     encoder = SentenceEncoder(
-        quantize=settings.memory_encoder == "int8", threads=settings.memory_encoder_threads
+        quantize=settings.memory_encoder == "int8",
+        runtime=settings.memory_encoder_runtime,
+        threads=settings.memory_encoder_threads,
     )
     scope = ScopeClassifier.load(settings.serac_scope) if settings.serac_scope else None
     if scope is not None:

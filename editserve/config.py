@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         description="int8: ~2x faster queries, fewer paraphrases retrieved (docs/memory-edits.md)",
     )
     memory_encoder_threads: int = Field(1, ge=1, description="threads of one encoder forward")
+    memory_encoder_runtime: Literal["onnx", "torchscript"] = Field(
+        "onnx",
+        description="float32 on ONNX Runtime (~2x faster queries, same embeddings) or TorchScript",
+    )
     serac_scope: Path | None = Field(
         None,
         description="SERAC's trained scope classifier (`editserve train-scope`); None: cosine",

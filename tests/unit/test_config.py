@@ -58,3 +58,6 @@ def test_memory_encoder_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EDITSERVE_MEMORY_ENCODER")
     with pytest.raises(ValueError, match="memory_encoder_threads"):
         Settings.load(memory_encoder_threads=0)
+    assert Settings.load().memory_encoder_runtime == "onnx"
+    with pytest.raises(ValueError, match="memory_encoder_runtime"):
+        Settings.load(memory_encoder_runtime="tensorrt")

