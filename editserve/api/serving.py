@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,8 @@ from editserve.metrics import ServerMetrics
 
 T = TypeVar("T")
 VERSION_HEADER = "x-editserve-model-version"
+
+log = logging.getLogger(__name__)
 
 
 class OpenAIServing:
@@ -125,6 +128,9 @@ class OpenAIServing:
         started = time.monotonic()
         used = await asyncio.to_thread(self.memory.retrieve, messages)
         self.metrics.memory_lookup.observe(time.monotonic() - started)
+        if used:
+            fired = [(u["edit_id"], u["store"], u["scope"], round(u["score"], 3)) for u in used]
+            log.debug("memory entries in the prompt (edit, store, scope, score): %s", fired)
         budget = self.engine.max_model_len - (req.requested_max_tokens() or 1)
         return self.memory.render(messages, used, self._template, budget)
 
