@@ -29,6 +29,8 @@ from editserve.metrics import ServerMetrics
 
 T = TypeVar("T")
 VERSION_HEADER = "x-editserve-model-version"
+# The memory edits (IKE, ICE, SERAC) whose facts went into a chat prompt: comma-separated ids.
+MEMORY_HEADER = "x-editserve-memory-edits"
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class OpenAIServing:
             still_valid = None
             if self.memory is not None:
                 still_valid = partial(self._memory_is_at, self.memory.generation)
-            prompt = await self._render_chat(req)
+            prompt, fired = await self._render_chat(req)
             max_tokens = self._max_tokens(req.requested_max_tokens(), len(prompt))
             stream = self._submit(
                 [prompt] * req.n,
@@ -101,7 +103,7 @@ class OpenAIServing:
         if req.stream:
             await stream.admitted()  # the version header must name the weights it runs on
             events = self._chat_events(stream, meta, len(prompt), req.include_usage(), started)
-            return _sse(events, stream, _version(stream))
+            return _sse(events, stream, _version(stream) | fired)
         results = await self._collect(http, stream)
         choices = [
             {
@@ -114,9 +116,10 @@ class OpenAIServing:
         ]
         body = {**meta, "object": "chat.completion", "choices": choices}
         body["usage"] = self._usage(len(prompt), results)
-        return JSONResponse(body, headers=_version(stream))
+        return JSONResponse(body, headers=_version(stream) | fired)
 
-    async def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
+    async def _render_chat(self, req: ChatCompletionRequest) -> tuple[list[int], dict[str, str]]:
+        """The prompt's token ids, and the memory header naming the edits it holds (if any)."""
         if not self.tokenizer.chat_template:
             raise bad_request(
                 "this model has no chat template; use /v1/completions with a plain prompt",
@@ -124,7 +127,7 @@ class OpenAIServing:
             )
         messages = req.template_messages()
         if self.memory is None or not self.memory.has_prompt_entries():
-            return self._template(messages)
+            return self._template(messages), {}
         started = time.monotonic()
         used = await asyncio.to_thread(self.memory.retrieve, messages)
         self.metrics.memory_lookup.observe(time.monotonic() - started)
@@ -132,7 +135,9 @@ class OpenAIServing:
             fired = [(u["edit_id"], u["store"], u["scope"], round(u["score"], 3)) for u in used]
             log.debug("memory entries in the prompt (edit, store, scope, score): %s", fired)
         budget = self.engine.max_model_len - (req.requested_max_tokens() or 1)
-        return self.memory.render(messages, used, self._template, budget)
+        prompt, held = self.memory.render(messages, used, self._template, budget)
+        ids = list(dict.fromkeys(u["edit_id"] for u in held))
+        return prompt, {MEMORY_HEADER: ",".join(ids)} if ids else {}
 
     def _template(self, messages: list[dict[str, str]]) -> list[int]:
         try:

@@ -233,16 +233,17 @@ class MemoryEdits:
         used: list[dict[str, Any]],
         template: Callable[[list[dict[str, str]]], list[int]],
         budget: int,
-    ) -> list[int]:
-        """The conditioned prompt's token ids (`template` renders a conversation), within
-        `budget` tokens: edit facts must not push a request out of the context window, so
-        without IKE's demonstrations first, then (rarely) without the facts."""
+    ) -> tuple[list[int], list[dict[str, Any]]]:
+        """The conditioned prompt's token ids (`template` renders a conversation) and the
+        entries whose facts it holds, within `budget` tokens: edit facts must not push a request
+        out of the context window, so without IKE's demonstrations first, then (rarely) without
+        the facts."""
         if used:
             for demonstrations in (True, False):
                 ids = template(self.apply(messages, used, demonstrations))
                 if len(ids) <= budget:
-                    return ids
-        return template(messages)
+                    return ids, used
+        return template(messages), []
 
     def rewrite(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict]]:
         """`retrieve` then `apply`: the conditioned conversation and the entries used."""

@@ -147,7 +147,7 @@ class EditService:
         messages = _user(question)
         used = (retrieve or self.memory.retrieve)(messages)
         budget = self.engine.max_model_len - CHECK_TOKENS
-        return self.memory.render(messages, used, self._render, budget)
+        return self.memory.render(messages, used, self._render, budget)[0]
 
     def _render(self, messages: list[dict[str, str]]) -> list[int]:
         return list(

@@ -125,6 +125,24 @@ def test_a_prompt_memory_edit_conditions_only_related_chats(client: TestClient, 
     assert chat(client, EIFFEL["prompt"])[0::2] == (plain, "2")
 
 
+def test_a_chat_answer_names_the_memory_edits_in_its_prompt(client: TestClient) -> None:
+    ike = post(client, "ike", hparams={"threshold": 0.5}).json()["id"]
+    serac = post(client, "serac", "Paris", hparams={"threshold": 0.5}).json()["id"]
+    header = "x-editserve-memory-edits"
+
+    def ask(question: str, stream: bool = False) -> dict:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": question}]}
+        r = client.post("/v1/chat/completions", json={**body, "max_tokens": 2, "stream": stream})
+        assert r.status_code == 200, r.text
+        return r.headers
+
+    assert ask(EIFFEL["prompt"])[header] == f"{ike},{serac}"  # IKE facts first, then SERAC's
+    assert ask(EIFFEL["prompt"], stream=True)[header] == f"{ike},{serac}"
+    assert header not in ask(UNRELATED)
+    client.delete(f"/edits/{ike}")
+    assert ask(EIFFEL["prompt"])[header] == serac
+
+
 def test_the_threshold_gates_retrieval(client: TestClient) -> None:
     assert post(client, "ike", hparams={"threshold": 0.85}).status_code == 200
     plain = chat(client, "Which city is the Eiffel Tower in, please?")[0]
