@@ -75,3 +75,49 @@ def test_memory_edits_change_the_answers_survive_a_restart_and_undo(live: LiveSe
         assert r.status_code == 200 and r.json()["deleted"], r.text
         for question in (FACTS[method]["prompt"], *FACTS[method]["rephrase"]):
             assert ask(live.url, question)[0] == before[question], (method, question)
+
+
+def test_a_served_scope_classifier_decides_serac_scope(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`serac_scope` is loaded at start and judges SERAC's scope instead of the cosine threshold
+    (a classifier that rates every pair in scope, so the test is about the wiring; the trained
+    one's quality is in docs/memory-edits.md)."""
+    import openai
+    import torch
+
+    from memory.scope import ScopeClassifier
+    from tests.integration.conftest import API_KEY, MODEL
+
+    folder = tmp_path_factory.mktemp("scope")
+    in_scope = ScopeClassifier()
+    torch.nn.init.zeros_(in_scope.net[2].weight)
+    torch.nn.init.constant_(in_scope.net[2].bias, 20.0)
+    in_scope.save(folder / "scope.safetensors")
+    server = LiveServer(
+        tmp_path_factory.mktemp("state"),
+        folder,
+        env={"EDITSERVE_SERAC_SCOPE": str(folder / "scope.safetensors")},
+    )
+    server.start()
+    try:
+        assert "SERAC scope:" in server.log()
+        fact = FACTS["serac"]
+        r = httpx.post(
+            f"{server.url}/edits",
+            # At 0.99 cosine only the question itself would be in scope.
+            json={"method": "serac", "requests": [fact], "hparams": {"threshold": 0.99}},
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": fact["rephrase"][0]}],
+            temperature=0,
+            max_tokens=24,
+        )
+        assert raw.headers["x-editserve-memory-edits"] == r.json()["id"]
+        assert fact["target_new"] in raw.parse().choices[0].message.content
+    finally:
+        server.stop()
