@@ -77,6 +77,14 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     scope = ScopeClassifier.load(settings.serac_scope) if settings.serac_scope else None
     if scope is not None:
         log.info("SERAC scope: %s (threshold %.2f)", settings.serac_scope, scope.threshold)
+        trained_on = scope.info.get("encoder", settings.memory_encoder)
+        if trained_on != settings.memory_encoder:
+            log.warning(
+                "the SERAC scope classifier saw %s embeddings and the encoder serves %s ones: "
+                "its threshold may not hold",
+                trained_on,
+                settings.memory_encoder,
+            )
     edits = EditService(
         engine,
         Journal(settings.state_dir),

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "cosine": cosine_table,
     }
     classifier.info = {k: report[k] for k in ("data", "skip", "trained_on", "calibrated_on")}
+    classifier.info["encoder"] = "float32"  # the embeddings it saw (the server may use int8)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     classifier.save(args.out)
     if args.report:

@@ -154,6 +154,7 @@ def test_train_scope_writes_a_calibrated_classifier(
         "skip": 10,
         "trained_on": 50,
         "calibrated_on": 20,
+        "encoder": "float32",
     }
     assert [r["threshold"] for r in written["classifier"]] == [
         r["threshold"] for r in written["cosine"]
