@@ -135,12 +135,16 @@ class EmbeddedExamples:
             same_subject=torch.tensor([[a == b for b in subjects] for a in subjects]),
         )
 
-    def nearest_others(self, queries: torch.Tensor, owner: torch.Tensor, k: int) -> torch.Tensor:
-        """[len(queries), k] indices of the questions nearest by cosine to each query, leaving
-        out its own record and records on the same subject."""
+    def nearest_others(
+        self, queries: torch.Tensor, owner: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([len(queries), k] indices, [len(queries), k] bool): the questions nearest by cosine
+        to each query, leaving out its own record and records on the same subject; the mask is
+        False where fewer than k others exist (the index there is one left out)."""
         sims = queries @ self.questions.T
-        sims[self.same_subject[owner]] = -2.0
-        return sims.topk(min(k, len(self.questions)), dim=1).indices
+        sims[self.same_subject[owner]] = -2.0  # below any cosine
+        top = sims.topk(min(k, len(self.questions)), dim=1)
+        return top.indices, top.values > -2.0
 
 
 def training_pairs(
@@ -162,8 +166,9 @@ def training_pairs(
     add(data.paraphrases, q[data.paraphrase_of], 1.0)
     add(data.outside, q[data.outside_of], 0.0)
     for texts, owner in ((q, everyone), (data.paraphrases, data.paraphrase_of)):
-        others = data.nearest_others(texts, owner, hard)  # [len(texts), hard]
-        add(texts.repeat_interleave(others.shape[1], 0), q[others.flatten()], 0.0)
+        others, real = data.nearest_others(texts, owner, hard)  # [len(texts), hard] each
+        pairs = texts.repeat_interleave(others.shape[1], 0)
+        add(pairs[real.flatten()], q[others[real]], 0.0)
     return torch.cat(queries), torch.cat(entries), torch.cat(labels)
 
 
@@ -238,9 +243,10 @@ def classifier_scores(classifier: ScopeClassifier, data: EmbeddedExamples) -> Sc
     """The trained classifier's scores, judging each query's `CANDIDATES` nearest entries by
     cosine (as `MemoryEdits.retrieve` does)."""
     q = data.questions
-    others = data.nearest_others(q, torch.arange(len(q)), CANDIDATES)  # [n, c]
+    others, real = data.nearest_others(q, torch.arange(len(q)), CANDIDATES)  # [n, c] each
     c = others.shape[1]
     probs = classifier.probability(q.repeat_interleave(c, 0), q[others.flatten()])
+    probs = probs.masked_fill(~real.flatten(), 0.0)  # no other question there: nothing fires
     # A paraphrase reaches its own entry only if retrieval puts that among the candidates.
     near = (data.paraphrases @ q.T).topk(min(CANDIDATES, len(q)), dim=1).indices  # [m, c]
     retrieved = (near == data.paraphrase_of[:, None]).any(1)

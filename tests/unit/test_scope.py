@@ -23,6 +23,7 @@ from memory.scope import (
     cosine_scores,
     pair_features,
     train,
+    training_pairs,
 )
 
 DIM = 32
@@ -175,3 +176,13 @@ def test_train_scope_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(absent) == 2
     assert "no data file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_records_on_one_subject_have_no_other_questions() -> None:
+    data = synthetic(1, seed=4)  # one subject, two questions: neither is "another record's"
+    queries, entries, labels = training_pairs(data, hard=5)
+    # itself and its paraphrase (1), its outside text (0), for each question; nothing else
+    assert labels.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert len(queries) == len(entries) == 6
+    scores = classifier_scores(train(data, epochs=1), data)
+    assert scores.other.tolist() == [0.0, 0.0]
