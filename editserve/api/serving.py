@@ -84,7 +84,7 @@ class OpenAIServing:
             still_valid = None
             if self.memory is not None:
                 still_valid = partial(self._memory_is_at, self.memory.generation)
-            prompt, fired = await self._render_chat(req)
+            prompt, memory_header = await self._render_chat(req)
             max_tokens = self._max_tokens(req.requested_max_tokens(), len(prompt))
             stream = self._submit(
                 [prompt] * req.n,
@@ -103,7 +103,7 @@ class OpenAIServing:
         if req.stream:
             await stream.admitted()  # the version header must name the weights it runs on
             events = self._chat_events(stream, meta, len(prompt), req.include_usage(), started)
-            return _sse(events, stream, _version(stream) | fired)
+            return _sse(events, stream, _version(stream) | memory_header)
         results = await self._collect(http, stream)
         choices = [
             {
@@ -116,7 +116,7 @@ class OpenAIServing:
         ]
         body = {**meta, "object": "chat.completion", "choices": choices}
         body["usage"] = self._usage(len(prompt), results)
-        return JSONResponse(body, headers=_version(stream) | fired)
+        return JSONResponse(body, headers=_version(stream) | memory_header)
 
     async def _render_chat(self, req: ChatCompletionRequest) -> tuple[list[int], dict[str, str]]:
         """The prompt's token ids, and the memory header naming the edits it holds (if any)."""
