@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edits import DATA, UNRELATED, Api, chat_template_for, load_records
+from edits import DATA, UNRELATED, Api, chat_template_for, load_records, same_subject
 from harness import ServerProcess, machine_info
 
 from editserve.eval.metrics import contains_answer, mean
@@ -66,9 +66,12 @@ class Scorer:
     def __init__(self, api: Api, chat_template: Any, probes: list[str]) -> None:
         self.api, self.chat_template, self.probes = api, chat_template, probes
         self.before: list[str] = []
+        self.own_before: dict[str, str] = {}  # unedited answers to same-subject questions
 
-    async def baseline(self) -> None:
+    async def baseline(self, records: list[dict]) -> None:
         self.before = await self.api.answers(self.probes, LOCALITY_TOKENS)
+        own = _own_questions(records)
+        self.own_before = dict(zip(own, await self.api.answers(own, LOCALITY_TOKENS), strict=True))
 
     async def score(
         self, records: list[dict], paraphrase: bool = True, latest: int = 0
@@ -83,9 +86,16 @@ class Scorer:
         if paraphrase:
             rephrased = await api.answers([r["rephrase_prompt"] for r in records], ANSWER_TOKENS)
             result["paraphrase"] = sum(_hits(records, rephrased)) / len(records)
+            # The edited subjects' other facts (KnowEdit's same-subject locality prompts).
+            own = _own_questions(records)
+            own_after = await api.answers(own, LOCALITY_TOKENS)
+            result["same_subject_unchanged"] = mean(
+                float(self.own_before[q] == a) for q, a in zip(own, own_after, strict=True)
+            )
         accuracy = await asyncio.gather(
             *(
-                api.target_accuracy(self.chat_template(r["prompt"]), " " + r["target_new"].strip())
+                # In chat the answer follows the assistant header with no space before it.
+                api.target_accuracy(self.chat_template(r["prompt"]), r["target_new"].strip())
                 for r in records
             )
         )
@@ -100,6 +110,11 @@ class Scorer:
         )
         result["locality_teacher_forced"] = sum(agreement) / len(agreement)
         return {k: round(v, 4) for k, v in result.items()}
+
+
+def _own_questions(records: list[dict]) -> list[str]:
+    """One question per record on its subject's other facts (where the record has one)."""
+    return [own[0] for own in map(same_subject, records) if own]
 
 
 def _hits(records: list[dict], answers: list[str]) -> list[bool]:
@@ -174,12 +189,12 @@ async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
     await api.start()
     probes = UNRELATED + [r["prompt"] for r in load_records(630, args.data)[600:630]]
     scorer = Scorer(api, chat_template_for(None), probes)
-    await scorer.baseline()
+    sizes = [int(s) for s in args.batches.split(",") if s]
+    await scorer.baseline(records[: max(sizes, default=0)])  # only batches score same-subject
     # The unedited model asked again: how often answers differ without any edit (batching noise)
     again = await api.answers(probes, LOCALITY_TOKENS)
     same = sum(a == b for a, b in zip(scorer.before, again, strict=True)) / len(probes)
     result: dict[str, Any] = {"locality_unedited_repeat": same}
-    sizes = [int(s) for s in args.batches.split(",") if s]
     if sizes:
         result["batches"] = await run_batches(
             scorer, args.methods.split(","), sizes, records[: max(sizes)]

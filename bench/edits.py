@@ -92,7 +92,10 @@ async def run(
             continue
         edit = r.json()
         post = await api.answers(questions, ANSWER_TOKENS)
-        accuracy = await api.target_accuracy(chat_template(rec["prompt"]), " " + rec["target_new"])
+        # In chat the answer follows the assistant header with no space before it.
+        accuracy = await api.target_accuracy(
+            chat_template(rec["prompt"]), rec["target_new"].strip()
+        )
         unrelated_after = await api.answers(UNRELATED, LOCALITY_TOKENS)
         own_after = await api.answers(own, LOCALITY_TOKENS)
         t = time.perf_counter()

@@ -16,6 +16,7 @@ another per-layer solve.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,17 +212,19 @@ def spread(
     layers = tuple(sorted(layers))
     last = layers[-1]
     groups = targets.groups
-    bare = [targets.seqs[g.rewrite_rows[0]] for g in groups]
     rewrite_seqs = [targets.seqs[r] for g in groups for r in g.rewrite_rows]
     owner = torch.tensor(
         [i for i, g in enumerate(groups) for _ in g.rewrite_rows], device=ctx.device
     )
+    # A request's bare prompt is its first rewrite row, so one probe gives keys and residual.
+    firsts = [0, *itertools.accumulate(len(g.rewrite_rows) for g in groups[:-1])]
+    bare = torch.tensor(firsts, device=ctx.device)
     delta = ParamDelta()
     for i, layer in enumerate(layers):
         name = ctx.arch.down_proj_name(layer)
         with added_low_rank(ctx, delta.low_rank):
-            keys, _ = probe(ctx, rewrite_seqs, (layer,), layer)
-            _, h_last = probe(ctx, bare, (), last)
+            keys, h_rows = probe(ctx, rewrite_seqs, (layer,), last)
+        h_last = h_rows[bare]
         k = _mean_by(keys[layer], owner, len(groups))  # [n, d_in], averaged over contexts
         resid = (targets.z - h_last) / (len(layers) - i)  # [n, d]
         right = solve(layer, k.double(), name).float()  # [n, d_in]
