@@ -17,6 +17,7 @@ keys overlap earlier ones for less drift of the earlier edits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,11 @@ def null_space_projector(moment: torch.Tensor, threshold: float) -> torch.Tensor
     return kept @ kept.T
 
 
-def compute_alphaedit(
-    ctx: EditContext, requests: list[EditRequest], h: AlphaEditHyperParams
-) -> ParamDelta:
+def alphaedit_solver(
+    ctx: EditContext, h: AlphaEditHyperParams
+) -> Callable[[dict[int, torch.Tensor]], LayerSolve]:
+    """AlphaEdit's per-layer solve, given each layer's statistics."""
+
     def solve_with(moments: dict[int, torch.Tensor]) -> LayerSolve:
         def solve(layer: int, k: torch.Tensor, name: str) -> torch.Tensor:
             p = null_space_projector(moments[layer], h.nullspace_threshold).to(k)
@@ -71,4 +74,10 @@ def compute_alphaedit(
 
         return solve
 
-    return edit_layers(ctx, requests, h, "AlphaEdit", solve_with)
+    return solve_with
+
+
+def compute_alphaedit(
+    ctx: EditContext, requests: list[EditRequest], h: AlphaEditHyperParams
+) -> ParamDelta:
+    return edit_layers(ctx, requests, h, "AlphaEdit", alphaedit_solver(ctx, h))

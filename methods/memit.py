@@ -108,6 +108,8 @@ class Targets:
     seqs: list[ChatSequence]  # every request's rewrite rows, then essence rows
     groups: list[ValueGroup]  # one per request
     z: torch.Tensor  # [n, d] the residual after the last layer that gives the new answers
+    steps: list[int]  # optimisation steps each request took
+    reached: list[bool]  # whether each request met the stop rule within its steps
 
 
 def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> Targets:
@@ -143,17 +145,12 @@ def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyper
         stop_margin=h.stop_margin,
     )
     values = optimise_values(ctx, replay, groups, settings)
-    reached = sum(v.reached for v in values)
-    log.info(
-        "targets: %d of %d reached; steps up to %d",
-        reached,
-        len(values),
-        max(v.steps for v in values),
-    )
+    steps, reached = [v.steps for v in values], [v.reached for v in values]
+    log.info("targets: %d of %d reached; steps up to %d", sum(reached), len(values), max(steps))
     # δ was added to down_proj(L)'s output, i.e. to the residual stream after block L.
     _, h_last = probe(ctx, [seqs[g.rewrite_rows[0]] for g in groups], (), last)
     z = h_last + torch.stack([v.delta for v in values]).to(h_last)
-    return Targets(seqs=seqs, groups=groups, z=z)
+    return Targets(seqs=seqs, groups=groups, z=z, steps=steps, reached=reached)
 
 
 # -- step 2: spreading over the layers ----------------------------------------------------------
@@ -261,7 +258,9 @@ def edit_layers(
     return spread(ctx, targets, layers, solve_with(ctx.second_moments(layers)))
 
 
-def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> ParamDelta:
+def memit_solver(h: MemitHyperParams) -> Callable[[dict[int, torch.Tensor]], LayerSolve]:
+    """MEMIT's per-layer solve, given each layer's statistics."""
+
     def solve_with(moments: dict[int, torch.Tensor]) -> LayerSolve:
         def solve(layer: int, k: torch.Tensor, _: str) -> torch.Tensor:
             a = h.mom2_update_weight * moments[layer].to(k) + k.T @ k  # [d_in, d_in]
@@ -269,4 +268,8 @@ def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperPa
 
         return solve
 
-    return edit_layers(ctx, requests, h, "MEMIT", solve_with)
+    return solve_with
+
+
+def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> ParamDelta:
+    return edit_layers(ctx, requests, h, "MEMIT", memit_solver(h))
