@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from edits import DATA, UNRELATED, load_records, same_subject
-from harness import machine_info
+from harness import machine_info, write_report
 
 from editserve.architectures import resolve
 from editserve.edits.journal import fingerprint
@@ -279,9 +279,7 @@ def main() -> int:
     else:
         report["batch"] = one_batch(bench, args, records, probes)
         print(report["batch"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

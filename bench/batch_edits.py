@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edits import DATA, UNRELATED, Api, chat_template_for, load_records, same_subject
-from harness import ServerProcess, machine_info
+from harness import ServerProcess, machine_info, write_report
 
 from editserve.eval.metrics import contains_answer, mean
 
@@ -265,9 +265,7 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 
