@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edits import DATA, UNRELATED, load_records, same_subject
+from edits import DATA, UNRELATED, load_records, own_questions, target_hits, unchanged
 from harness import machine_info, write_report
 
 from editserve.architectures import resolve
 from editserve.edits.journal import fingerprint
 from editserve.engine.workbench import make_workbench
-from editserve.eval.metrics import contains_answer, mean
+from editserve.eval.metrics import mean
 from editserve.modelstore import load_model
 from methods.alphaedit import alphaedit_solver, load_alphaedit_hparams
 from methods.base import EditContext, EditRequest, ParamDelta
@@ -129,23 +129,19 @@ class Workbench:
         return mean(ratios)
 
 
-def hits(records: list[dict], answers: list[str]) -> list[bool]:
-    return [
-        contains_answer(a, [r["target_new"].strip()]) for r, a in zip(records, answers, strict=True)
-    ]
+def hparams(bench: Workbench, method: str, overrides: dict) -> Any:
+    """The method's hyperparameters for the embedded model, with `overrides`."""
+    config = bench.model.config
+    load = load_memit_hparams if method == "memit" else load_alphaedit_hparams
+    return load(config.model_type, config.num_hidden_layers, overrides)
 
 
 def edit(
     bench: Workbench, method: str, records: list[dict], overrides: dict
 ) -> tuple[ParamDelta, dict]:
     """One edit of `records`, its stages timed."""
-    config, ctx = bench.model.config, bench.ctx
-    if method == "memit":
-        h = load_memit_hparams(config.model_type, config.num_hidden_layers, overrides)
-        solver = memit_solver(h)
-    else:
-        h = load_alphaedit_hparams(config.model_type, config.num_hidden_layers, overrides)
-        solver = alphaedit_solver(ctx, h)
+    ctx, h = bench.ctx, hparams(bench, method, overrides)
+    solver = memit_solver(h) if method == "memit" else alphaedit_solver(ctx, h)
     requests = [EditRequest(r["prompt"], r["subject"], r["target_new"]) for r in records]
     layers = tuple(h.layers or ())
     moments = ctx.second_moments(layers)  # loaded before the clock starts
@@ -165,23 +161,20 @@ def edit(
 def one_batch(
     bench: Workbench, args: argparse.Namespace, records: list[dict], probes: list[str]
 ) -> dict:
-    own = [q[0] for q in map(same_subject, records) if q]
+    own = own_questions(records)
     probes_before = bench.answers(probes, LOCALITY_TOKENS)
     own_before = bench.answers(own, LOCALITY_TOKENS)
     delta, out = edit(bench, args.method, records, args.hparams)
     out["breadth"] = round(bench.breadth(delta), 4)
     bench.apply(delta)
     out["success"] = mean(
-        hits(records, bench.answers([r["prompt"] for r in records], ANSWER_TOKENS))
+        target_hits(records, bench.answers([r["prompt"] for r in records], ANSWER_TOKENS))
     )
     rephrased = bench.answers([r["rephrase_prompt"] for r in records], ANSWER_TOKENS)
-    out["paraphrase"] = mean(hits(records, rephrased))
+    out["paraphrase"] = mean(target_hits(records, rephrased))
     after = bench.answers(probes, LOCALITY_TOKENS)
-    out["locality"] = mean(float(a == b) for a, b in zip(probes_before, after, strict=True))
-    own_after = bench.answers(own, LOCALITY_TOKENS)
-    out["same_subject_unchanged"] = mean(
-        float(a == b) for a, b in zip(own_before, own_after, strict=True)
-    )
+    out["locality"] = unchanged(probes_before, after)
+    out["same_subject_unchanged"] = unchanged(own_before, bench.answers(own, LOCALITY_TOKENS))
     return out
 
 
@@ -189,12 +182,7 @@ def sequential(
     bench: Workbench, args: argparse.Namespace, records: list[dict], probes: list[str]
 ) -> list[dict]:
     ctx, first = bench.ctx, records[: args.batch]
-    last = max(
-        (load_memit_hparams if args.method == "memit" else load_alphaedit_hparams)(
-            bench.model.config.model_type, bench.model.config.num_hidden_layers, args.hparams
-        ).layers
-        or ()
-    )
+    last = max(hparams(bench, args.method, args.hparams).layers or ())
     first_seqs = [chat_sequence(ctx, r["prompt"], r["subject"]) for r in first]
 
     def residual() -> torch.Tensor:  # the first batch's residual at its subjects after `last`
@@ -207,14 +195,14 @@ def sequential(
         delta, point = edit(bench, args.method, records[start : start + args.batch], args.hparams)
         bench.apply(delta)
         done = records[: start + args.batch]
-        got = hits(done, bench.answers([r["prompt"] for r in done], ANSWER_TOKENS))
+        got = target_hits(done, bench.answers([r["prompt"] for r in done], ANSWER_TOKENS))
         after = bench.answers(probes, LOCALITY_TOKENS)
         point |= {
             "edits": len(done),
             "efficacy": mean(got),
             "newest": mean(got[start:]),
             "first_batch": mean(got[: args.batch]),
-            "locality": mean(float(a == b) for a, b in zip(probes_before, after, strict=True)),
+            "locality": unchanged(probes_before, after),
         }
         now = residual()
         if written is None:
@@ -250,7 +238,7 @@ def patched_hits(
             answer = bench.answers([record["prompt"]], ANSWER_TOKENS, model=bench.ctx.model)
         finally:
             handle.remove()
-        out += hits([record], answer)
+        out += target_hits([record], answer)
     return out
 
 

@@ -30,10 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edits import DATA, UNRELATED, Api, chat_template_for, load_records, same_subject
+from edits import (
+    DATA,
+    UNRELATED,
+    Api,
+    chat_template_for,
+    load_records,
+    own_questions,
+    target_hits,
+    unchanged,
+)
 from harness import ServerProcess, machine_info, write_report
-
-from editserve.eval.metrics import contains_answer, mean
 
 WIKI = DATA.parents[2] / "corpus_wikitext" / "wiki.valid.dev.raw"
 LOCALITY_TOKENS = 16
@@ -70,7 +77,7 @@ class Scorer:
 
     async def baseline(self, records: list[dict]) -> None:
         self.before = await self.api.answers(self.probes, LOCALITY_TOKENS)
-        own = _own_questions(records)
+        own = own_questions(records)
         self.own_before = dict(zip(own, await self.api.answers(own, LOCALITY_TOKENS), strict=True))
 
     async def score(
@@ -79,18 +86,18 @@ class Scorer:
         api = self.api
         prompts = [r["prompt"] for r in records]
         answers = await api.answers(prompts, ANSWER_TOKENS)
-        hits = _hits(records, answers)
+        hits = target_hits(records, answers)
         result = {"success": sum(hits) / len(hits)}
         if len(records) > latest > 0:  # the newest `latest` records on their own
             result["latest_success"] = sum(hits[-latest:]) / latest
         if paraphrase:
             rephrased = await api.answers([r["rephrase_prompt"] for r in records], ANSWER_TOKENS)
-            result["paraphrase"] = sum(_hits(records, rephrased)) / len(records)
+            result["paraphrase"] = sum(target_hits(records, rephrased)) / len(records)
             # The edited subjects' other facts (KnowEdit's same-subject locality prompts).
-            own = _own_questions(records)
-            own_after = await api.answers(own, LOCALITY_TOKENS)
-            result["same_subject_unchanged"] = mean(
-                float(self.own_before[q] == a) for q, a in zip(own, own_after, strict=True)
+            own = own_questions(records)
+            own_before = [self.own_before[q] for q in own]
+            result["same_subject_unchanged"] = unchanged(
+                own_before, await api.answers(own, LOCALITY_TOKENS)
             )
         accuracy = await asyncio.gather(
             *(
@@ -101,7 +108,7 @@ class Scorer:
         )
         result["teacher_forced"] = sum(accuracy) / len(accuracy)
         after = await api.answers(self.probes, LOCALITY_TOKENS)
-        result["locality"] = mean(float(a == b) for a, b in zip(self.before, after, strict=True))
+        result["locality"] = unchanged(self.before, after)
         agreement = await asyncio.gather(
             *(
                 api.target_accuracy(self.chat_template(q), answer)
@@ -110,17 +117,6 @@ class Scorer:
         )
         result["locality_teacher_forced"] = sum(agreement) / len(agreement)
         return {k: round(v, 4) for k, v in result.items()}
-
-
-def _own_questions(records: list[dict]) -> list[str]:
-    """One question per record on its subject's other facts (where the record has one)."""
-    return [own[0] for own in map(same_subject, records) if own]
-
-
-def _hits(records: list[dict], answers: list[str]) -> list[bool]:
-    return [
-        contains_answer(a, [r["target_new"].strip()]) for r, a in zip(records, answers, strict=True)
-    ]
 
 
 def _requests(records: list[dict]) -> list[dict]:
@@ -193,7 +189,7 @@ async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
     await scorer.baseline(records[: max(sizes, default=0)])  # only batches score same-subject
     # The unedited model asked again: how often answers differ without any edit (batching noise)
     again = await api.answers(probes, LOCALITY_TOKENS)
-    same = sum(a == b for a, b in zip(scorer.before, again, strict=True)) / len(probes)
+    same = unchanged(scorer.before, again)
     result: dict[str, Any] = {"locality_unedited_repeat": same}
     if sizes:
         result["batches"] = await run_batches(

@@ -56,6 +56,23 @@ def same_subject(record: dict) -> list[str]:
     return [item["prompt"] for group in groups for item in group][:2]
 
 
+def own_questions(records: list[dict]) -> list[str]:
+    """One question per record on its subject's other facts (where the record has one)."""
+    return [own[0] for own in map(same_subject, records) if own]
+
+
+def target_hits(records: list[dict], answers: list[str]) -> list[bool]:
+    """Whether each answer contains its record's new target."""
+    return [
+        contains_answer(a, [r["target_new"].strip()]) for r, a in zip(records, answers, strict=True)
+    ]
+
+
+def unchanged(before: list[str], after: list[str]) -> float:
+    """The share of answers that are exactly as they were."""
+    return sum(a == b for a, b in zip(before, after, strict=True)) / len(before)
+
+
 async def run(
     url: str, admin_key: str | None, method: str, records: list[dict], chat_template: Any
 ) -> dict[str, Any]:
