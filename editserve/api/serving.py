@@ -26,6 +26,7 @@ from editserve.engine.request import GenerationResult, OutputStream
 from editserve.engine.sampling import SamplingParams, TokenLogprob
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.metrics import ServerMetrics
+from editserve.threads import in_worker
 
 T = TypeVar("T")
 VERSION_HEADER = "x-editserve-model-version"
@@ -129,7 +130,7 @@ class OpenAIServing:
         if self.memory is None or not self.memory.has_prompt_entries():
             return self._template(messages), {}
         started = time.monotonic()
-        used = await asyncio.to_thread(self.memory.retrieve, messages)
+        used = await in_worker(self.memory.retrieve, messages)
         self.metrics.memory_lookup.observe(time.monotonic() - started)
         if used:
             fired = [(u["edit_id"], u["store"], u["scope"], round(u["score"], 3)) for u in used]

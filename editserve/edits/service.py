@@ -35,7 +35,7 @@ from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.engine.workbench import added_delta, make_workbench
 from editserve.faults import crash_point
-from editserve.threads import releasing_team
+from editserve.threads import in_worker
 from memory.encoder import SentenceEncoder
 from memory.scope import ScopeClassifier
 from methods.base import EditContext, EditRequest, ParamDelta
@@ -286,9 +286,7 @@ class EditService:
 
             t = time.monotonic()
             try:
-                result = await asyncio.to_thread(
-                    releasing_team(self._compute), spec, edit.requests, resolved
-                )
+                result = await in_worker(self._compute, spec, edit.requests, resolved)
             except (ValueError, DeltaRejected) as exc:
                 raise EditError(400, str(exc), "requests") from exc
             timings["compute_s"] = time.monotonic() - t
@@ -299,9 +297,7 @@ class EditService:
                 record_spec["memory"] = {"entries": result.entries}
             if dry_run:
                 after = (
-                    await asyncio.to_thread(
-                        releasing_team(self._workbench_answers), questions + probes, result, method
-                    )
+                    await in_worker(self._workbench_answers, questions + probes, result, method)
                     if checks
                     else []
                 )
@@ -336,7 +332,8 @@ class EditService:
         )
         if isinstance(result, MemoryPayload):
             return {**public, **summary, "dry_run": dry_run}
-        return {**public, **summary, "dry_run": dry_run, "delta": _describe(result)}
+        delta = await in_worker(_describe, result)  # matrix products: off the event loop
+        return {**public, **summary, "dry_run": dry_run, "delta": delta}
 
     def _compute(
         self, spec: MethodSpec, requests: list[EditRequest], resolved: Any
@@ -354,12 +351,14 @@ class EditService:
         self, edit_id: str, edit: EditSpec, record: dict, result: ParamDelta | MemoryPayload
     ) -> int:
         memory = isinstance(result, MemoryPayload)
-        tensors = result.tensors if memory else result.to_tensors()
+
+        def save() -> None:  # flattening copies non-contiguous factors: torch work, off the loop
+            tensors = result.tensors if memory else result.to_tensors()
+            self.journal.begin(edit_id, edit.method, edit.kind, record, tensors)
+
         crash_point("before_payload")
         with self._storage("the edit could not be saved"):
-            await asyncio.to_thread(
-                self.journal.begin, edit_id, edit.method, edit.kind, record, tensors
-            )
+            await in_worker(save)
         crash_point("after_row")
 
         def apply() -> int:
@@ -477,10 +476,8 @@ class EditService:
             spec = METHODS[edit.method]
             config = self.engine.model.config
             resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
-            delta = await asyncio.to_thread(
-                releasing_team(spec.compute), self.context, edit.requests, resolved
-            )
-            await asyncio.to_thread(self.journal.replace_payload, edit_id, delta.to_tensors())
+            delta = await in_worker(spec.compute, self.context, edit.requests, resolved)
+            await in_worker(self._replace_payload, edit_id, delta)
 
             def reapply(edit_id: str = edit_id, delta: ParamDelta = delta) -> None:
                 self.ledger.apply(edit_id, delta)
@@ -488,6 +485,9 @@ class EditService:
 
             await asyncio.wrap_future(self.engine.run_exclusive(reapply))
         return later
+
+    def _replace_payload(self, edit_id: str, delta: ParamDelta) -> None:
+        self.journal.replace_payload(edit_id, delta.to_tensors())
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -526,7 +526,7 @@ class EditService:
         """Greedy chat answers through the engine: the path users hit."""
         stream = OutputStream()
         params = SamplingParams(max_tokens=CHECK_TOKENS, temperature=0)
-        prompts = await asyncio.to_thread(lambda: [self.served_prompt(q) for q in questions])
+        prompts = await in_worker(lambda: [self.served_prompt(q) for q in questions])
         for prompt in prompts:
             self.engine.submit(prompt, params, stream)
         return [r.token_ids for r in await stream.results()]

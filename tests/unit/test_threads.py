@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editserve.threads import release_thread_team, releasing_team
+from editserve.threads import in_worker, release_thread_team, releasing_team
 
 needs_libgomp = pytest.mark.skipif(
     not (Path(torch.__file__).parent / "lib" / "libgomp.so.1").is_file()
@@ -61,3 +62,18 @@ def test_releasing_team_passes_results_and_errors_through() -> None:
     with pytest.raises(ValueError, match="bad request"):
         releasing_team(fails)()
     assert calls
+
+
+@needs_libgomp
+def test_in_worker_leaves_no_team_behind_in_the_event_loops_workers() -> None:
+    async def run() -> tuple[int, int, torch.Tensor]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        await asyncio.to_thread(lambda: None)  # the worker thread itself exists now
+        before = _threads()
+        result = await in_worker(_parallel_work)
+        return before, _threads(), result
+
+    before, after, result = asyncio.run(run())
+    assert after == before
+    assert result == 512.0 * 512 * 512
