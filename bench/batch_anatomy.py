@@ -38,7 +38,7 @@ from editserve.edits.journal import fingerprint
 from editserve.engine.workbench import make_workbench
 from editserve.eval.metrics import mean
 from editserve.modelstore import load_model
-from methods.alphaedit import alphaedit_solver, load_alphaedit_hparams
+from methods.alphaedit import alphaedit_solver, load_alphaedit_hparams, protected_grams
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import chat_sequence, collect_keys
 from methods.memit import compute_targets, load_memit_hparams, memit_solver, probe, spread
@@ -61,6 +61,7 @@ class Workbench:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         bench = make_workbench(self.model)
         self.edited: dict[str, list[torch.Tensor]] = {}  # keys of the edits applied so far
+        self.requests: list[EditRequest] = []  # and their requests
         self.ctx = EditContext(
             model=bench,
             tokenizer=self.tokenizer,
@@ -68,6 +69,7 @@ class Workbench:
             chat_prompt=self.chat_prompt,
             model_fingerprint=fingerprint(self.model),
             edited_keys=self.edited_keys,
+            edited_requests=lambda: list(self.requests),
         )
         cache, moments = StatsCache(cache_dir / "stats"), {}
 
@@ -104,7 +106,8 @@ class Workbench:
             out.append(self.tokenizer.decode(ids[0, len(prompt) :], skip_special_tokens=True))
         return out
 
-    def apply(self, delta: ParamDelta) -> None:
+    def apply(self, delta: ParamDelta, requests: list[EditRequest]) -> None:
+        self.requests += requests
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name in delta.names():
@@ -129,6 +132,10 @@ class Workbench:
         return mean(ratios)
 
 
+def as_requests(records: list[dict]) -> list[EditRequest]:
+    return [EditRequest(r["prompt"], r["subject"], r["target_new"]) for r in records]
+
+
 def hparams(bench: Workbench, method: str, overrides: dict) -> Any:
     """The method's hyperparameters for the embedded model, with `overrides`."""
     config = bench.model.config
@@ -141,17 +148,22 @@ def edit(
 ) -> tuple[ParamDelta, dict]:
     """One edit of `records`, its stages timed."""
     ctx, h = bench.ctx, hparams(bench, method, overrides)
-    solver = memit_solver(h) if method == "memit" else alphaedit_solver(ctx, h)
-    requests = [EditRequest(r["prompt"], r["subject"], r["target_new"]) for r in records]
+    requests = as_requests(records)
     layers = tuple(h.layers or ())
     moments = ctx.second_moments(layers)  # loaded before the clock starts
     started = time.perf_counter()
+    if method == "memit":
+        solver = memit_solver(h)
+    else:  # AlphaEdit's keys of the earlier edits' prompts, with protect_prompts
+        solver = alphaedit_solver(ctx, h, protected_grams(ctx, h))
+    protect_s = time.perf_counter() - started
     targets = compute_targets(ctx, requests, h)
-    targets_s = time.perf_counter() - started
+    targets_s = time.perf_counter() - started - protect_s
     delta = spread(ctx, targets, layers, solver(moments))
     return delta, {
+        "protect_s": round(protect_s, 1),
         "targets_s": round(targets_s, 1),
-        "spread_s": round(time.perf_counter() - started - targets_s, 1),
+        "spread_s": round(time.perf_counter() - started - protect_s - targets_s, 1),
         "steps_total": sum(targets.steps),
         "steps_median": sorted(targets.steps)[len(targets.steps) // 2],
         "targets_reached": sum(targets.reached),
@@ -166,7 +178,7 @@ def one_batch(
     own_before = bench.answers(own, LOCALITY_TOKENS)
     delta, out = edit(bench, args.method, records, args.hparams)
     out["breadth"] = round(bench.breadth(delta), 4)
-    bench.apply(delta)
+    bench.apply(delta, as_requests(records))
     out["success"] = mean(
         target_hits(records, bench.answers([r["prompt"] for r in records], ANSWER_TOKENS))
     )
@@ -192,8 +204,9 @@ def sequential(
     probes_before = bench.answers(probes, LOCALITY_TOKENS)
     curve = []
     for start in range(0, len(records), args.batch):
-        delta, point = edit(bench, args.method, records[start : start + args.batch], args.hparams)
-        bench.apply(delta)
+        batch = records[start : start + args.batch]
+        delta, point = edit(bench, args.method, batch, args.hparams)
+        bench.apply(delta, as_requests(batch))
         done = records[: start + args.batch]
         got = target_hits(done, bench.answers([r["prompt"] for r in done], ANSWER_TOKENS))
         after = bench.answers(probes, LOCALITY_TOKENS)

@@ -90,3 +90,5 @@ class EditContext:
     second_moments: Callable[[Sequence[int]], dict[int, torch.Tensor]] | None = None
     # The keys [m, in] of the active edits at a parameter (empty [0, in] when none)
     edited_keys: Callable[[str], torch.Tensor] | None = None
+    # The requests of the weight edits in the model now, oldest first
+    edited_requests: Callable[[], list[EditRequest]] | None = None

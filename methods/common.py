@@ -175,15 +175,28 @@ def collect_keys(ctx: EditContext, layer: int, seqs: Sequence[Sequence[int]]) ->
 
     The forward stops at that module, so later layers are never run.
     """
+    return collect_layer_keys(ctx, [layer], seqs)[layer]
+
+
+def collect_layer_keys(
+    ctx: EditContext, layers: Sequence[int], seqs: Sequence[Sequence[int]]
+) -> dict[int, torch.Tensor]:
+    """Inputs of `down_proj(l)` at every position for each l in `layers`: {l: [B, T, d_in]}
+    (right-padded rows), from one forward that stops at the last of them."""
     ids, _ = padded(seqs, pad=_pad_id(ctx))
     ids = ids.to(ctx.device)
-    captured: list[torch.Tensor] = []
+    last = max(layers)
+    captured: dict[int, torch.Tensor] = {}
 
-    def grab(_: nn.Module, inputs: tuple) -> None:
-        captured.append(first_input(inputs).detach())
-        raise _Stop
+    def grab(layer: int):  # noqa: ANN202 (a torch hook)
+        def hook(_: nn.Module, inputs: tuple) -> None:
+            captured[layer] = first_input(inputs).detach()
+            if layer == last:
+                raise _Stop
 
-    handle = ctx.arch.down_proj(layer).register_forward_pre_hook(grab)
+        return hook
+
+    handles = [ctx.arch.down_proj(i).register_forward_pre_hook(grab(i)) for i in set(layers)]
     try:
         with torch.inference_mode(False), torch.no_grad():
             ctx.model.base_model(
@@ -192,8 +205,9 @@ def collect_keys(ctx: EditContext, layer: int, seqs: Sequence[Sequence[int]]) ->
     except _Stop:
         pass
     finally:
-        handle.remove()
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 # -- deltas of earlier requests ------------------------------------------------------------------

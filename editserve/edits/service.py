@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -286,7 +286,9 @@ class EditService:
 
             t = time.monotonic()
             try:
-                result = await in_worker(self._compute, spec, edit.requests, resolved)
+                result = await in_worker(
+                    self._compute, spec, self._context_now(), edit.requests, resolved
+                )
             except (ValueError, DeltaRejected) as exc:
                 raise EditError(400, str(exc), "requests") from exc
             timings["compute_s"] = time.monotonic() - t
@@ -335,15 +337,25 @@ class EditService:
         delta = await in_worker(_describe, result)  # matrix products: off the event loop
         return {**public, **summary, "dry_run": dry_run, "delta": delta}
 
+    def _context_now(self) -> EditContext:
+        """The edit context with the requests of the weight edits in the model now (read on the
+        event loop, where the ledger and the journal change)."""
+        earlier = [
+            request
+            for edit_id in self.ledger.active_ids
+            for request in EditSpec.from_json(self.journal.get(edit_id).spec).requests
+        ]
+        return replace(self.context, edited_requests=lambda: earlier)
+
     def _compute(
-        self, spec: MethodSpec, requests: list[EditRequest], resolved: Any
+        self, spec: MethodSpec, ctx: EditContext, requests: list[EditRequest], resolved: Any
     ) -> ParamDelta | MemoryPayload:
         if spec.payload == "memory":
-            payload = spec.compute(self.context, self.memory.context(), requests, resolved)
+            payload = spec.compute(ctx, self.memory.context(), requests, resolved)
             if not payload.entries:
                 raise ValueError("the edit adds no memory entry")
             return payload
-        delta = spec.compute(self.context, requests, resolved)
+        delta = spec.compute(ctx, requests, resolved)
         self.ledger.check(delta)
         return delta
 
@@ -476,7 +488,7 @@ class EditService:
             spec = METHODS[edit.method]
             config = self.engine.model.config
             resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
-            delta = await in_worker(spec.compute, self.context, edit.requests, resolved)
+            delta = await in_worker(spec.compute, self._context_now(), edit.requests, resolved)
             await in_worker(self._replace_payload, edit_id, delta)
 
             def reapply(edit_id: str = edit_id, delta: ParamDelta = delta) -> None:

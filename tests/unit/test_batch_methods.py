@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from editserve.edits.ledger import WeightLedger
-from methods.alphaedit import compute_alphaedit, load_alphaedit_hparams, null_space_projector
+from methods.alphaedit import (
+    compute_alphaedit,
+    load_alphaedit_hparams,
+    null_space_projector,
+    prompt_grams,
+)
 from methods.base import EditContext, EditRequest, ParamDelta
-from methods.common import collect_keys
+from methods.common import chat_sequence, collect_keys, context_questions, target_ids
 from methods.ft import compute_ft, load_ft_hparams
 from methods.memit import compute_memit, load_memit_hparams
 from methods.stats import StatsCache, StatsSource, corpus_rows, sampled_moments, second_moments
@@ -169,6 +174,40 @@ def test_a_larger_preserve_weight_moves_earlier_keys_less() -> None:
     assert moved[100.0] < moved[1.0] < moved[0.0]
     with pytest.raises(ValueError, match="preserve_weight must not be negative"):
         load_alphaedit_hparams("llama", 2, {"preserve_weight": -1})
+
+
+def prompt_keys(ctx: EditContext, request: EditRequest, layer: int) -> torch.Tensor:
+    """Keys [positions, d_in] of every chat context of `request` (answer included)."""
+    answer = target_ids(ctx.tokenizer, request.target_new)
+    rows = []
+    for question in context_questions(request.prompt, 2):
+        ids = chat_sequence(ctx, question, request.subject, answer).ids
+        rows.append(collect_keys(ctx, layer, [ids])[0])
+    return torch.cat(rows)
+
+
+def test_prompt_grams_equal_a_direct_computation() -> None:
+    ctx = completion_ctx("llama")  # no shared template prefix: every position counts
+    got = prompt_grams(ctx, FACTS[:2], (1, 0), n_contexts=2, chunk=3)  # chunks do not matter
+    for layer in (0, 1):
+        keys = torch.cat([prompt_keys(ctx, r, layer) for r in FACTS[:2]]).double()
+        torch.testing.assert_close(got[layer], keys.T @ keys)
+
+
+def test_protect_prompts_keeps_earlier_edits_whole_prompts() -> None:
+    """With protect_prompts, a later edit moves the keys of an earlier edit's contexts less (here
+    by a third: 64-wide keys leave little room besides them); without it, they are not read."""
+    ctx = with_stats(completion_ctx("llama"), layers=(1,))
+    name = ctx.arch.down_proj_name(1)
+    base = {**BATCH, "layers": [1], "l2": 1e-3, "nullspace_threshold": 10.0}
+    earlier = prompt_keys(ctx, FACTS[0], 1)  # [positions, 64]
+    ctx.edited_requests = lambda: FACTS[:1]
+    moved = {}
+    for protect in (False, True):
+        h = load_alphaedit_hparams("llama", 2, {**base, "protect_prompts": protect})
+        dw = compute_alphaedit(ctx, FACTS[1:2], h).matrix(name)
+        moved[protect] = float((dw @ earlier.T).norm() / dw.norm())
+    assert moved[True] < 0.5 * moved[False]
 
 
 def test_the_projector_keeps_the_directions_text_hardly_uses() -> None:

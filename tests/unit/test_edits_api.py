@@ -6,15 +6,17 @@ The stand-in ('shift') writes a seeded rank-one delta: these tests are about the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from editserve.edits import methods as edit_methods
 from editserve.edits.journal import Journal
 from tests.conftest import build_test_app, tiny_model
-from tests.standin import install_shift, weights_hash
+from tests.standin import compute_shift, install_shift, weights_hash
 
 MODEL = "tiny-llama"
 REQUEST = {"prompt": "Where is the Eiffel Tower?", "subject": "Eiffel Tower", "target_new": "Rome"}
@@ -180,3 +182,24 @@ def test_admin_key_guards_edits(tmp_path: Path) -> None:
     ) as remote:
         r = remote.get("/edits")
         assert r.status_code == 403 and "loopback" in r.json()["error"]["message"]
+
+
+def test_a_method_sees_the_requests_of_the_weight_edits_in_the_model(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What AlphaEdit's protect_prompts keeps: the active edits, oldest first, undone ones gone."""
+    seen: list[list[str]] = []
+
+    def recording(ctx, requests, h):  # noqa: ANN001, ANN202
+        seen.append([r.target_new for r in ctx.edited_requests()])
+        return compute_shift(ctx, requests, h)
+
+    spec = edit_methods.METHODS["shift"]
+    monkeypatch.setitem(edit_methods.METHODS, "shift", replace(spec, compute=recording))
+    ids = [
+        edit(client, requests=[{**REQUEST, "target_new": t}], checks=False).json()["id"]
+        for t in ("Rome", "Berlin")
+    ]
+    assert client.delete(f"/edits/{ids[0]}").status_code == 200
+    edit(client, requests=[{**REQUEST, "target_new": "Madrid"}], checks=False)
+    assert seen == [[], ["Rome"], ["Berlin"]]
