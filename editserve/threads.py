@@ -9,9 +9,10 @@ the thousands of small parallel regions of a forward pays a wake-up. Measured on
 existed and 20 s without it; the engine's forwards ran ~50 % slower after a worker had computed
 anything (its team lived on). So each thread gives its team back when it goes idle.
 
-A single team left behind is enough: through the server, a 10-request MEMIT edit took 27-38 s
-against 16 s in-process while one idle asyncio worker kept the team it made writing the journal.
-So the server runs every off-loop call through `in_worker`, never bare `asyncio.to_thread`.
+A single team left behind is enough: through the server, a 10-request MEMIT edit took 22-38 s
+against 16 s in-process while the event-loop thread kept the team it made computing the delta
+summary of an edit's response. So the server does no torch work on its event loop, and runs
+every off-loop call through `in_worker`, never bare `asyncio.to_thread`.
 """
 
 from __future__ import annotations
