@@ -338,14 +338,16 @@ class EditService:
         return {**public, **summary, "dry_run": dry_run, "delta": delta}
 
     def _context_now(self) -> EditContext:
-        """The edit context with the requests of the weight edits in the model now (read on the
-        event loop, where the ledger and the journal change)."""
-        earlier = [
-            request
-            for edit_id in self.ledger.active_ids
-            for request in EditSpec.from_json(self.journal.get(edit_id).spec).requests
-        ]
-        return replace(self.context, edited_requests=lambda: earlier)
+        """The edit context with the requests of the weight edits in the model now. Which edits
+        is read here, on the event loop where the ledger changes; their specs never change, so
+        they are read from the journal only by a method that asks (AlphaEdit's protect_prompts)."""
+        active = self.ledger.active_ids
+
+        def edited_requests() -> list[EditRequest]:
+            specs = (EditSpec.from_json(self.journal.get(edit_id).spec) for edit_id in active)
+            return [request for spec in specs for request in spec.requests]
+
+        return replace(self.context, edited_requests=edited_requests)
 
     def _compute(
         self, spec: MethodSpec, ctx: EditContext, requests: list[EditRequest], resolved: Any
@@ -611,14 +613,15 @@ def _checks(
 
 
 def _describe(delta: ParamDelta) -> dict:
-    return {
-        name: {
-            "shape": list(delta.matrix(name).shape),
+    described = {}
+    for name in delta.names():
+        matrix = delta.matrix(name)  # a product for low-rank factors: formed once
+        described[name] = {
+            "shape": list(matrix.shape),
             "rank": delta.low_rank[name][0].shape[1] if name in delta.low_rank else None,
-            "norm": float(delta.matrix(name).norm()),
+            "norm": float(matrix.norm()),
         }
-        for name in delta.names()
-    }
+    return described
 
 
 def _plain(hparams: Any) -> Any:
