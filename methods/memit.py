@@ -135,7 +135,7 @@ def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyper
                 answer=tuple(answer),
             )
         )
-    replay = SuffixReplay(ctx, last, ctx.arch.down_proj(last), seqs)
+    replay = SuffixReplay(ctx, last, ctx.arch.down_proj(last), seqs, from_block=True)
     settings = ValueSettings(
         steps=h.steps,
         lr=h.lr,
@@ -164,8 +164,10 @@ def probe(
     ctx: EditContext, seqs: list[ChatSequence], layers: tuple[int, ...], last: int
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """At each sequence's subject: the keys of down_proj(l) for l in `layers` ({l: [B, d_in]})
-    and the residual stream after block `last` ([B, d]); the forward stops there."""
-    ids, _ = padded([s.ids for s in seqs], pad=ctx.tokenizer.pad_token_id or 0)
+    and the residual stream after block `last` ([B, d]); the forward stops there, and each
+    sequence is run only up to its subject (attention is causal: nothing after it counts)."""
+    cut = [s.ids[: s.subject_pos + 1] for s in seqs]
+    ids, _ = padded(cut, pad=ctx.tokenizer.pad_token_id or 0)
     ids = ids.to(ctx.device)
     rows = torch.arange(len(seqs), device=ctx.device)
     at = torch.tensor([s.subject_pos for s in seqs], device=ctx.device)

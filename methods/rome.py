@@ -198,7 +198,9 @@ def compute_rome(
     for request, (rewrites, essence) in zip(requests, contexts, strict=True):
         earlier = {name: _in_layout(ctx, lefts, rights)} if lefts else {}
         with added_low_rank(ctx, earlier):
-            replay = SuffixReplay(ctx, hparams.layer, module, [*rewrites, *essence])
+            replay = SuffixReplay(
+                ctx, hparams.layer, module, [*rewrites, *essence], from_block=True
+            )
             key = compute_key(replay, len(rewrites))
             cov = None
             if neutral is not None:

@@ -90,8 +90,9 @@ def test_collect_keys_are_the_down_projection_inputs(kind: str) -> None:
     torch.testing.assert_close(keys[1, : len(seqs[1])], seen[0][0])
 
 
+@pytest.mark.parametrize("from_block", [False, True])
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gpt_neox"])
-def test_suffix_replay_matches_a_full_forward_with_delta(kind: str) -> None:
+def test_suffix_replay_matches_a_full_forward_with_delta(kind: str, from_block: bool) -> None:
     ctx = make_ctx(kind)
     answer = target_ids(ctx.tokenizer, "Rome")
     seqs = [
@@ -100,7 +101,9 @@ def test_suffix_replay_matches_a_full_forward_with_delta(kind: str) -> None:
     ]
     seqs.append(chat_sequence(ctx, "What is the Eiffel Tower?", "Eiffel Tower"))
     module = ctx.arch.down_proj(0)
-    replay = SuffixReplay(ctx, 0, module, seqs)
+    replay = SuffixReplay(ctx, 0, module, seqs, from_block=from_block)
+    # GPT-2 adds position embeddings to `inputs_embeds`: the replay sees it and runs every block.
+    assert replay.from_block == (from_block and kind != "gpt2")
     delta = torch.randn(replay.v0.shape) * 3  # one δ per row [B, d_out]
     with torch.no_grad():
         hidden = replay.hidden(delta)
