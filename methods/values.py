@@ -304,6 +304,8 @@ class SuffixReplay:
             ],
             dim=2,
         )[:, None]  # [B, 1, S, T+S]
+        if self.from_block:
+            return self._hidden_above_block(delta, mask)
 
         def add_delta(
             _: nn.Module, __: tuple, output: torch.Tensor | tuple
@@ -312,8 +314,6 @@ class SuffixReplay:
             first = out[:, 0] + delta.to(out.dtype)
             return _replace_output(output, torch.cat([first[:, None], out[:, 1:]], dim=1))
 
-        if self.from_block:
-            return self._hidden_above_block(delta, mask)
         handle = self.delta_module.register_forward_hook(add_delta)
         try:
             with torch.inference_mode(False):
