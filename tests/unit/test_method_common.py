@@ -127,6 +127,27 @@ def test_suffix_replay_matches_a_full_forward_with_delta(kind: str, from_block: 
         torch.testing.assert_close(hidden[b, :n], ref[seq.subject_pos :], atol=1e-4, rtol=1e-4)
 
 
+def test_suffix_replay_from_block_gives_the_same_gradient() -> None:
+    ctx = make_ctx("llama")
+    answer = target_ids(ctx.tokenizer, "Rome")
+    seqs = [
+        chat_sequence(ctx, q, "Eiffel Tower", answer)
+        for q in context_questions("Where is the Eiffel Tower located?", 2)
+    ]
+    module = ctx.arch.down_proj(1)
+    grads = []
+    for from_block in (False, True):
+        replay = SuffixReplay(ctx, 1, module, seqs, from_block=from_block)
+        assert replay.from_block == from_block
+        delta = torch.zeros(replay.v0.shape, requires_grad=True)
+        weights = torch.linspace(-1, 1, replay.v0.shape[-1])  # any fixed function of the states
+        real = replay.cols < replay.lengths[:, None]  # [B, S]: columns inside each row
+        ((replay.hidden(delta) @ weights).square() * real).sum().backward()
+        grads.append(delta.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_added_low_rank_equals_adding_to_a_weight_copy(kind: str) -> None:
     ctx = make_ctx(kind)
