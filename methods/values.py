@@ -316,16 +316,21 @@ class SuffixReplay:
 
         handle = self.delta_module.register_forward_hook(add_delta)
         try:
-            with torch.inference_mode(False):
-                return self.ctx.model.base_model(
-                    input_ids=self.suffix,
-                    attention_mask=mask,
-                    position_ids=self.cols,
-                    cache=self.prefix,
-                    use_cache=True,
-                ).last_hidden_state
+            return self._forward(mask, input_ids=self.suffix)
         finally:
             handle.remove()
+
+    def _forward(self, mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        """The model's final hidden states for the suffix (`input_ids` or `inputs_embeds`),
+        attending to the recorded prefix."""
+        with torch.inference_mode(False):
+            return self.ctx.model.base_model(
+                **inputs,
+                attention_mask=mask,
+                position_ids=self.cols,
+                cache=self.prefix,
+                use_cache=True,
+            ).last_hidden_state
 
     def _hidden_above_block(self, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`hidden` run from the recorded output of δ's block: the model's own forward (rotary
@@ -339,14 +344,7 @@ class SuffixReplay:
         layers = getattr(owner, attr)
         setattr(owner, attr, nn.ModuleList(list(layers)[self.block + 1 :]))
         try:
-            with torch.inference_mode(False):
-                return self.ctx.model.base_model(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    position_ids=self.cols,
-                    cache=self.prefix,
-                    use_cache=True,
-                ).last_hidden_state
+            return self._forward(mask, inputs_embeds=embeds)
         finally:
             setattr(owner, attr, layers)
 
