@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # Tokens per chunk (rows × padded length) in a replay's passes. ~1 MB of activations per token
 # when the backward runs through 20-odd layers of a 576-wide model.
 CHUNK_TOKENS = 1024
+# Relative difference up to which the shortcut above δ's block counts as the same forward: room
+# for rounding; a family that transforms its blocks' input (GPT-2's position embeddings) is
+# off by far more, and falls back (a unit test).
+SHORTCUT_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -263,9 +267,10 @@ class SuffixReplay:
         want = self.full_hidden[rows[:, None], part.cols.clamp(max=self.full_hidden.shape[1] - 1)]
         real = (part.cols < part.lengths[:, None])[..., None]
         err = ((got - want) * real).norm() / (want * real).norm().clamp_min(1e-12)
-        if err > 1e-2:
+        agrees = bool(err <= SHORTCUT_TOLERANCE)
+        if not agrees:
             log.info("suffix replay: blocks above %d do not start from its output", self.block)
-        return bool(err <= 1e-2)
+        return agrees
 
     def suffix_lengths(self) -> torch.Tensor:
         """[B]: the real (unpadded) length of each row's suffix."""
