@@ -36,7 +36,7 @@ from harness import machine_info, write_report
 from editserve.architectures import resolve
 from editserve.edits.journal import fingerprint
 from editserve.engine.workbench import make_workbench
-from editserve.eval.metrics import mean
+from editserve.eval.metrics import agreement, mean
 from editserve.modelstore import load_model
 from methods.alphaedit import alphaedit_solver, load_alphaedit_hparams, protected_grams
 from methods.base import EditContext, EditRequest, ParamDelta
@@ -104,6 +104,20 @@ class Workbench:
                     torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False
                 )
             out.append(self.tokenizer.decode(ids[0, len(prompt) :], skip_special_tokens=True))
+        return out
+
+    def forced(self, questions: list[str], continuations: list[str]) -> list[tuple[list, list]]:
+        """Per question: the continuation's tokens after its chat prompt, and the model's argmax
+        at each of them (teacher-forced, one forward each)."""
+        out = []
+        for question, text in zip(questions, continuations, strict=True):
+            prompt = self.chat_prompt(question)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = self.model(torch.tensor([prompt + ids])).logits[0]
+            out.append(
+                (ids, logits[len(prompt) - 1 : len(prompt) + len(ids) - 1].argmax(-1).tolist())
+            )
         return out
 
     def apply(self, delta: ParamDelta, requests: list[EditRequest]) -> None:
@@ -202,6 +216,8 @@ def sequential(
 
     unedited, written = residual(), None
     probes_before = bench.answers(probes, LOCALITY_TOKENS)
+    # Locality TF (KnowEdit's): agreement of the argmax along the unedited answers, before/after.
+    argmax_before = [a for _, a in bench.forced(probes, probes_before)]
     curve = []
     for start in range(0, len(records), args.batch):
         batch = records[start : start + args.batch]
@@ -210,7 +226,14 @@ def sequential(
         done = records[: start + args.batch]
         got = target_hits(done, bench.answers([r["prompt"] for r in done], ANSWER_TOKENS))
         after = bench.answers(probes, LOCALITY_TOKENS)
+        argmax_after = [a for _, a in bench.forced(probes, probes_before)]
+        forced = bench.forced([r["prompt"] for r in done], [r["target_new"].strip() for r in done])
         point |= {
+            "efficacy_tf": round(mean([agreement(ids, top) for ids, top in forced]), 4),
+            "locality_tf": round(
+                mean([agreement(b, a) for b, a in zip(argmax_before, argmax_after, strict=True)]),
+                4,
+            ),
             "edits": len(done),
             "efficacy": mean(got),
             "newest": mean(got[start:]),
