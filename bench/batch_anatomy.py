@@ -10,10 +10,12 @@ edit up, on a workbench of the model as `EditService` builds it:
 - the mean relative change ‖ΔW k‖ / ‖W k‖ of the edited layers' outputs over every position of a
   few unrelated chats: how broadly the update acts;
 - `--batch B`: batches of B kept in sequence (AlphaEdit protects the earlier ones' keys). After
-  each, besides the curve: how far the first batch's residual stream at its subjects (after the
-  last edited layer) moved, relative to how far its own edit moved it, and its success when that
-  residual is patched back to where its edit left it. If patching restores the first batch's
-  answers, earlier facts fade at their subjects; if not, elsewhere in their prompts.
+  each, besides the curve (in chat, and teacher-forced: target token accuracy, and argmax
+  agreement along the unedited answers to the unrelated questions): how far the first batch's
+  residual stream at its subjects (after the last edited layer) moved, relative to how far its
+  own edit moved it, and its success when that residual is patched back to where its edit left
+  it. If patching restores the first batch's answers, earlier facts fade at their subjects; if
+  not, elsewhere in their prompts.
 
     python bench/batch_anatomy.py --method memit --n 100
     python bench/batch_anatomy.py --method memit --n 100 --hparams '{"n_essence": 1}'
