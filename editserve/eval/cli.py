@@ -40,7 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--locality-tokens", type=int, default=16)
     p.add_argument("--fluency-tokens", type=int, default=100, help="0: skip fluency")
     p.add_argument("--max-probes", type=int, help="cap on prompts per portability/locality group")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    p.add_argument(
+        "--records-in-flight", type=int, default=8, help="unedited-model records measured at once"
+    )
     p.add_argument("--cleanup", action="store_true", help="sequential: undo the edits at the end")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--api-key", default=os.environ.get("EDITSERVE_API_KEY"))
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         admin_key=args.admin_key,
         concurrency=args.concurrency,
+        records_in_flight=args.records_in_flight,
         cleanup=args.cleanup,
         progress=not args.no_progress,
     )

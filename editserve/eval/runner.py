@@ -58,7 +58,8 @@ class RunConfig:
     baseline: Path | None = None  # default: out/baseline.jsonl
     api_key: str | None = None
     admin_key: str | None = None
-    concurrency: int = 8
+    concurrency: int = 32  # requests in flight (the server decodes up to 32 together)
+    records_in_flight: int = 8  # unedited-model records measured at once
     cleanup: bool = False  # sequential: undo the run's edits at the end
     progress: bool = True
 
@@ -134,12 +135,23 @@ class Run:
             self.baseline_log.append({"meta": meta})
         self.baseline = {r["index"]: r["observed"] for r in rows[1:]}
 
-    async def _baseline(self, record: EvalRecord) -> dict:
-        if record.index not in self.baseline:
-            observed = await measure(self.client, record, self.cfg.settings)
+    async def measure_unedited(self) -> None:
+        """Observes every record not yet in the baseline, several at a time: the model does not
+        change meanwhile, and the server decodes concurrent requests together. Each record is
+        logged as it finishes, so an interrupted pass keeps what it measured."""
+        todo = [r for r in self.records if r.index not in self.baseline]
+        bar = self._bar(len(self.records), "unedited model", len(self.records) - len(todo))
+        slots = asyncio.Semaphore(self.cfg.records_in_flight)
+
+        async def one(record: EvalRecord) -> None:
+            async with slots:
+                observed = await measure(self.client, record, self.cfg.settings)
             self.baseline_log.append({"index": record.index, "observed": observed})
             self.baseline[record.index] = observed
-        return self.baseline[record.index]
+            bar.update()
+
+        await asyncio.gather(*(one(r) for r in todo))
+        bar.close()
 
     # -- independent -----------------------------------------------------------------------------
 
@@ -152,11 +164,12 @@ class Run:
                 await self.client.delete_edit(edit_id)
             pending.unlink()
         done = {r["index"] for r in rows_log.read()}
+        await self.measure_unedited()
         bar = self._bar(len(self.records), f"{self.cfg.method} edits", len(done & self._indices()))
         for record in self.records:
             if record.index in done:
                 continue
-            pre = await self._baseline(record)
+            pre = self.baseline[record.index]
             try:
                 edit = await self.client.post_edit(
                     self.cfg.method, list(record.requests), record.kind, self.cfg.hparams
@@ -220,11 +233,7 @@ class Run:
                 "(editserve edits undo ID) if they were made by the interrupted run, or start "
                 "again with another --out"
             )
-        bar = self._bar(len(self.records), "unedited model")
-        for record in self.records:
-            await self._baseline(record)
-            bar.update()
-        bar.close()
+        await self.measure_unedited()
         done = {e["edits"] for e in events if e["event"] == "checkpoint"}
         marks = {k for k in self.cfg.checkpoints if k <= len(self.records)} | {len(self.records)}
 

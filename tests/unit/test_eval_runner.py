@@ -88,6 +88,27 @@ def test_an_interrupted_run_resumes_without_repeating_work(data: Path, tmp_path:
     assert run(cfg, server)["edited"] == result["edited"] and server.posts == 5
 
 
+def test_the_unedited_model_is_measured_first_and_an_interrupted_pass_keeps_its_records(
+    data: Path, tmp_path: Path
+) -> None:
+    server = FakeServer(FACTS)
+    cfg = config(data, tmp_path / "out", records_in_flight=2)
+    # 4 chat answers per record: the pass over the 4 unedited records fails in its third.
+    server.fail_on_chat = 4 * 2 + 2
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    assert server.posts == 0  # no edit before every record is observed unedited
+    kept = (tmp_path / "out" / "baseline.jsonl").read_text().splitlines()
+    assert len(kept) >= 1 + 1  # the meta line and at least the records that finished
+    server.fail_on_chat = None
+    result = run(cfg, server)
+    assert result["edits_applied"] == 3
+    lines = (tmp_path / "out" / "baseline.jsonl").read_text().splitlines()
+    assert lines[: len(kept)] == kept  # what the first pass measured is kept, not redone
+    assert sorted(json.loads(x)["index"] for x in lines[1:]) == [0, 1, 2, 3]
+    assert result["unedited"]["reliability_gen"] == 0.0
+
+
 def test_an_edit_left_applied_by_a_crash_is_undone_on_resume(data: Path, tmp_path: Path) -> None:
     server = FakeServer(FACTS)
     server.fail_on_delete = True
