@@ -122,11 +122,15 @@ class Run:
         return run
 
     def load_baseline(self) -> None:
-        meta = {
-            k: v for k, v in self.identity().items() if k not in ("method", "sequential", "hparams")
-        }
+        # Observations are per record index, so runs over more or fewer of a file's records
+        # (an independent 100, a sequential 1,000) share them; older files name an n: ignored.
+        ignored = ("method", "sequential", "hparams", "n")
+        meta = {k: v for k, v in self.identity().items() if k not in ignored}
         rows = self.baseline_log.read()
-        if rows and rows[0].get("meta") != meta:
+        saved = (
+            {k: v for k, v in rows[0].get("meta", {}).items() if k not in ignored} if rows else {}
+        )
+        if rows and saved != meta:
             raise ResumeError(
                 f"{self.baseline_log.path} was measured with other data or settings; "
                 "give another --baseline or remove it"

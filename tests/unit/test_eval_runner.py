@@ -109,6 +109,21 @@ def test_the_unedited_model_is_measured_first_and_an_interrupted_pass_keeps_its_
     assert result["unedited"]["reliability_gen"] == 0.0
 
 
+def test_runs_over_more_records_share_the_unedited_observations(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    shared = tmp_path / "baseline.jsonl"
+    run(config(data, tmp_path / "two", n=2, baseline=shared), server)
+    run(config(data, tmp_path / "all", sequential=True, baseline=shared), server)
+    lines = shared.read_text().splitlines()
+    # Records 0 and 1 were observed once, by the first run; the second added 2 and 3.
+    assert [json.loads(x)["index"] for x in lines[1:3]] == [0, 1]
+    assert sorted(json.loads(x)["index"] for x in lines[1:]) == [0, 1, 2, 3]
+    other = config(data, tmp_path / "seed", baseline=shared)
+    other.settings = MeasureSettings(fluency_tokens=8, seed=1)
+    with pytest.raises(ResumeError, match="other data or settings"):
+        run(other, server)
+
+
 def test_an_edit_left_applied_by_a_crash_is_undone_on_resume(data: Path, tmp_path: Path) -> None:
     server = FakeServer(FACTS)
     server.fail_on_delete = True
