@@ -11,6 +11,7 @@ Files in the output folder:
 - `baseline.jsonl`: the unedited model's observations per record (may be shared by methods);
 - `records.jsonl` (independent) / `sequence.jsonl` (sequential): one line per record done or
   edit made, and per checkpoint; `pending.json`: an edit made and not yet undone;
+- `checkpoint-K.jsonl` (sequential): the observations behind the checkpoint after K edits;
 - `results.json`, `results.md`: the summary, rewritten at the end.
 """
 
@@ -140,18 +141,24 @@ class Run:
         self.baseline = {r["index"]: r["observed"] for r in rows[1:]}
 
     async def measure_unedited(self) -> None:
-        """Observes every record not yet in the baseline, several at a time: the model does not
-        change meanwhile, and the server decodes concurrent requests together. Each record is
-        logged as it finishes, so an interrupted pass keeps what it measured."""
-        todo = [r for r in self.records if r.index not in self.baseline]
-        bar = self._bar(len(self.records), "unedited model", len(self.records) - len(todo))
+        """Observes every record not yet in the baseline before any edit."""
+        await self._observe(self.records, self.baseline, self.baseline_log, "unedited model")
+
+    async def _observe(
+        self, records: list[EvalRecord], done: dict[int, dict], log: JsonLines, desc: str
+    ) -> None:
+        """Observes each of `records` not in `done` on the model as it is, several at a time (the
+        server decodes concurrent requests together), logging each as it finishes so that an
+        interrupted pass keeps what it measured; adds them to `done`."""
+        todo = [r for r in records if r.index not in done]
+        bar = self._bar(len(records), desc, len(records) - len(todo))
         slots = asyncio.Semaphore(self.cfg.records_in_flight)
 
         async def one(record: EvalRecord) -> None:
             async with slots:
                 observed = await measure(self.client, record, self.cfg.settings)
-            self.baseline_log.append({"index": record.index, "observed": observed})
-            self.baseline[record.index] = observed
+            log.append({"index": record.index, "observed": observed})
+            done[record.index] = observed
             bar.update()
 
         await asyncio.gather(*(one(r) for r in todo))
@@ -280,17 +287,19 @@ class Run:
         """Scores every record edited so far on the model as it is now."""
         by_index = {r.index: r for r in self.records}
         applied = [by_index[e["index"]] for e in edits if "edit_id" in e]
-        self.client.versions.clear()
-        observed = await asyncio.gather(
-            *(measure(self.client, r, self.cfg.settings) for r in applied)
-        )
+        # Observations are logged as they finish: an interrupted checkpoint resumes from them
+        # (the resume check has made sure the server holds exactly this run's edits).
+        part = JsonLines(self.cfg.out / f"checkpoint-{len(edits)}.jsonl")
+        observed = {r["index"]: r["observed"] for r in part.read()}
+        self.client.versions.clear()  # so: the versions seen by this pass
+        await self._observe(applied, observed, part, f"scoring after {len(edits)} edits")
         rows = [
             {
                 "index": r.index,
-                "post": score(r, o, self.baseline[r.index]),
+                "post": score(r, observed[r.index], self.baseline[r.index]),
                 "pre": score(r, self.baseline[r.index], self.baseline[r.index]),
             }
-            for r, o in zip(applied, observed, strict=True)
+            for r in applied
         ]
         return {
             "event": "checkpoint",

@@ -193,6 +193,23 @@ def test_an_interrupted_checkpoint_is_taken_before_the_next_edit(
     assert [c["edits"] for c in result["sequential"]] == [2, 4]
 
 
+def test_an_interrupted_checkpoint_keeps_the_records_it_scored(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    cfg = config(data, tmp_path / "out", sequential=True, checkpoints=(), records_in_flight=1)
+    # 4 chat answers per record: 16 unedited, then the final checkpoint over the 3 applied
+    # edits (one is refused) fails in its second record.
+    server.fail_on_chat = 16 + 4 + 2
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    part = tmp_path / "out" / "checkpoint-4.jsonl"
+    assert [json.loads(x)["index"] for x in part.read_text().splitlines()] == [0]
+    server.fail_on_chat, before = None, server.chats
+    result = run(cfg, server)
+    assert server.chats - before == 2 * 4  # only the two records not yet scored
+    assert result["sequential"][0]["applied"] == 3
+    assert result["edited"]["reliability_gen"] == 100.0
+
+
 def test_sequential_cleanup_undoes_the_run(data: Path, tmp_path: Path) -> None:
     server = FakeServer(FACTS)
     run(config(data, tmp_path / "out", sequential=True, cleanup=True), server)
