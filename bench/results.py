@@ -134,7 +134,9 @@ def render(args: argparse.Namespace) -> str:
         report.LEGEND + "\n",
         "IKE, ICE and SERAC condition chat prompts only, so their TF columns (raw-text "
         "/v1/completions) equal the unedited model's by design; their gen columns are their "
-        "measure. GRACE's hook acts on both.\n",
+        "measure. GRACE's codebook acts on both, but fires only on a key within an entry's "
+        "radius, and its keys are taken at the chat template's last token: raw prompts' keys "
+        "stay outside (its TF columns equal the unedited model's too).\n",
     ]
     missing = []
     for name in DATASETS:
