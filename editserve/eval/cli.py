@@ -42,7 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-probes", type=int, help="cap on prompts per portability/locality group")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     p.add_argument(
-        "--records-in-flight", type=int, default=8, help="unedited-model records measured at once"
+        "--records-in-flight",
+        type=int,
+        default=8,
+        help="records observed at once (unedited, and at checkpoints)",
     )
     p.add_argument("--cleanup", action="store_true", help="sequential: undo the edits at the end")
     p.add_argument("--no-progress", action="store_true")

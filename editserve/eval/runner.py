@@ -60,7 +60,7 @@ class RunConfig:
     api_key: str | None = None
     admin_key: str | None = None
     concurrency: int = 32  # requests in flight (the server decodes up to 32 together)
-    records_in_flight: int = 8  # unedited-model records measured at once
+    records_in_flight: int = 8  # records observed at once (unedited, and at checkpoints)
     cleanup: bool = False  # sequential: undo the run's edits at the end
     progress: bool = True
 
@@ -125,13 +125,14 @@ class Run:
     def load_baseline(self) -> None:
         # Observations are per record index, so runs over more or fewer of a file's records
         # (an independent 100, a sequential 1,000) share them; older files name an n: ignored.
-        ignored = ("method", "sequential", "hparams", "n")
-        meta = {k: v for k, v in self.identity().items() if k not in ignored}
+        def comparable(ident: dict[str, Any]) -> dict[str, Any]:
+            return {
+                k: v for k, v in ident.items() if k not in ("method", "sequential", "hparams", "n")
+            }
+
+        meta = comparable(self.identity())
         rows = self.baseline_log.read()
-        saved = (
-            {k: v for k, v in rows[0].get("meta", {}).items() if k not in ignored} if rows else {}
-        )
-        if rows and saved != meta:
+        if rows and comparable(rows[0].get("meta", {})) != meta:
             raise ResumeError(
                 f"{self.baseline_log.path} was measured with other data or settings; "
                 "give another --baseline or remove it"
