@@ -5,6 +5,11 @@ always pristine + the active deltas, summed in float32 in the order they were ap
 to the weight's dtype once. Undoing an edit recomposes from pristine and the rest, so undoing
 every edit gives back bit-identical weights, and undoing the middle of three equals applying
 the other two.
+
+Applying adds the new delta to a kept float32 sum instead of recomposing: the same additions in
+the same order, so the same bits, at the cost of one delta instead of every active one (at 380
+sequential MEMIT edits a recomposition took ~2 s of each edit, with serving paused, and replaying
+a journal of n edits cost n²/2 delta products).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class WeightLedger:
     def __init__(self, model: nn.Module) -> None:
         self._params = dict(model.named_parameters())
         self._pristine: dict[str, torch.Tensor] = {}
+        self._sum: dict[str, torch.Tensor] = {}  # float32 pristine + active deltas, per name
         self._active: OrderedDict[str, ParamDelta] = OrderedDict()
 
     @property
@@ -54,9 +60,13 @@ class WeightLedger:
         for name in delta.names():
             if name not in self._pristine:
                 self._pristine[name] = self._params[name].detach().clone()
+                self._sum[name] = self._pristine[name].to(torch.float32, copy=True)
         self._active[edit_id] = delta
-        for name in delta.names():
-            self._recompose(name)
+        with torch.no_grad():
+            for name in delta.names():
+                total = self._sum[name]
+                total += delta.matrix(name).to(total.device)
+                self._params[name].copy_(total)  # in place: never reassign a live tensor
 
     def revert(self, edit_id: str) -> ParamDelta:
         delta = self._active.pop(edit_id)
@@ -76,14 +86,15 @@ class WeightLedger:
         return self._active[edit_id]
 
     def _recompose(self, name: str) -> None:
+        """Rebuilds the sum from pristine and the active deltas (an undo can't subtract: the
+        float sums would not give back the same bits)."""
         param = self._params[name]
         pristine = self._pristine[name]
         touching = [d for d in self._active.values() if name in d.names()]
         with torch.no_grad():
-            if not touching:
-                param.copy_(pristine)  # exactly the original bits
-                return
-            total = pristine.to(torch.float32, copy=True)
+            total = self._sum[name]
+            total.copy_(pristine)
             for delta in touching:
                 total += delta.matrix(name).to(total.device)
-            param.copy_(total.to(param.dtype))  # in place: never reassign a live tensor
+            # No delta left: exactly the original bits, whatever the weight's dtype.
+            param.copy_(total if touching else pristine)

@@ -35,6 +35,7 @@ from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.engine.workbench import added_delta, make_workbench
 from editserve.faults import crash_point
+from editserve.heap import give_back_free_memory
 from editserve.threads import in_worker
 from memory.encoder import SentenceEncoder
 from memory.scope import ScopeClassifier
@@ -352,14 +353,17 @@ class EditService:
     def _compute(
         self, spec: MethodSpec, ctx: EditContext, requests: list[EditRequest], resolved: Any
     ) -> ParamDelta | MemoryPayload:
-        if spec.payload == "memory":
-            payload = spec.compute(ctx, self.memory.context(), requests, resolved)
-            if not payload.entries:
-                raise ValueError("the edit adds no memory entry")
-            return payload
-        delta = spec.compute(ctx, requests, resolved)
-        self.ledger.check(delta)
-        return delta
+        try:
+            if spec.payload == "memory":
+                payload = spec.compute(ctx, self.memory.context(), requests, resolved)
+                if not payload.entries:
+                    raise ValueError("the edit adds no memory entry")
+                return payload
+            delta = spec.compute(ctx, requests, resolved)
+            self.ledger.check(delta)
+            return delta
+        finally:
+            give_back_free_memory()  # else the heap grows with every edit (editserve.heap)
 
     async def _commit(
         self, edit_id: str, edit: EditSpec, record: dict, result: ParamDelta | MemoryPayload
@@ -490,7 +494,10 @@ class EditService:
             spec = METHODS[edit.method]
             config = self.engine.model.config
             resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
-            delta = await in_worker(spec.compute, self._context_now(), edit.requests, resolved)
+            delta = await in_worker(
+                self._compute, spec, self._context_now(), edit.requests, resolved
+            )
+            assert isinstance(delta, ParamDelta)  # only weight edits are rebased
             await in_worker(self._replace_payload, edit_id, delta)
 
             def reapply(edit_id: str = edit_id, delta: ParamDelta = delta) -> None:

@@ -61,6 +61,26 @@ def test_undoing_the_middle_edit_equals_applying_the_other_two() -> None:
     assert weights_hash(a) == weights_hash(b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_applying_adds_to_the_sum_with_the_bits_of_a_recomposition(dtype: torch.dtype) -> None:
+    # Apply adds one delta to a kept float32 sum; the weight must be exactly what summing
+    # pristine and every active delta in order gives, also after an undo rebuilt that sum.
+    model = tiny_model("llama").model.to(dtype)
+    param = dict(model.named_parameters())[NAME]
+    pristine = param.detach().clone()
+    ledger = WeightLedger(model)
+    ds = deltas(model)
+    extra = ParamDelta(low_rank={NAME: rank_one(tuple(param.shape), 4)})
+    for i, delta in enumerate(ds):
+        ledger.apply(f"e{i}", delta)
+    ledger.revert("e1")
+    ledger.apply("e3", extra)
+    expected = pristine.to(torch.float32)
+    for delta in (ds[0], ds[2], extra):
+        expected = expected + delta.matrix(NAME)
+    assert torch.equal(param, expected.to(dtype))
+
+
 def test_weights_change_in_place() -> None:
     model = tiny_model("llama").model
     param = dict(model.named_parameters())[NAME]
