@@ -120,6 +120,27 @@ def results(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def sequence_so_far(folder: Path) -> tuple[int, list[dict[str, Any]]] | None:
+    """An unfinished sequential run: the edits it made and the checkpoints it has scored."""
+    path = folder / "sequence.jsonl"
+    if not path.is_file():
+        return None
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    checkpoints = [e for e in events if e["event"] == "checkpoint"]
+    made = sum(e["event"] == "edit" for e in events)
+    return (made, checkpoints) if checkpoints else None
+
+
+def checkpoint_rows(method: str, checkpoints: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    rows = []
+    for c in checkpoints:
+        rows += [
+            (f"{c['edits']}: unedited", c["unedited"]),
+            (f"{c['edits']}: {method}", c["edited"]),
+        ]
+    return rows
+
+
 def render(args: argparse.Namespace) -> str:
     saved = args.work / "command.txt"
     runs = dict.fromkeys(saved.read_text().splitlines()) if saved.is_file() else {}
@@ -158,18 +179,23 @@ def render(args: argparse.Namespace) -> str:
         if absent:
             parts.append(f"Not run on {name}: {', '.join(absent)}.\n")
     seq = [(m, r) for m in SEQ_METHODS.split(",") if (r := results(args.work / "sequential" / m))]
-    if seq:
+    unfinished = [
+        (m, log)
+        for m in SEQ_METHODS.split(",")
+        if m not in dict(seq) and (log := sequence_so_far(args.work / "sequential" / m))
+    ]
+    if seq or unfinished:
         parts.append("## Sequential editing on zsre: every edit so far, scored after k edits\n")
-        for method, r in seq:
-            rows = []
-            for c in r["sequential"]:
-                rows += [
-                    (f"{c['edits']}: unedited", c["unedited"]),
-                    (f"{c['edits']}: {method}", c["edited"]),
-                ]
-            parts.append(f"### {method} ({r['n']} edits in sequence)\n")
-            parts.append(report.table(rows, "edits") + "\n")
-    absent = [m for m in SEQ_METHODS.split(",") if m not in dict(seq)]
+    for method, r in seq:
+        parts.append(f"### {method} ({r['n']} edits in sequence)\n")
+        parts.append(report.table(checkpoint_rows(method, r["sequential"]), "edits") + "\n")
+    for method, (made, checkpoints) in unfinished:
+        parts.append(
+            f"### {method} (unfinished: {made} edits made so far; the checkpoints taken are "
+            "below, and rerunning the command resumes the run)\n"
+        )
+        parts.append(report.table(checkpoint_rows(method, checkpoints), "edits") + "\n")
+    absent = [m for m in SEQ_METHODS.split(",") if m not in dict(seq) and m not in dict(unfinished)]
     not_run = [f"datasets with no run: {', '.join(missing)}"] if missing else []
     if absent:
         not_run.append(f"sequential curves not run: {', '.join(absent)}")
