@@ -29,17 +29,11 @@ import torch
 from harness import ServerProcess, machine_info
 
 from editserve.edits.ledger import WeightLedger
+from editserve.heap import resident_mb
 from methods.base import ParamDelta
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "knowedit" / "zsre"
 ZSRE = DATA / "ZsRE-test-all.dev.json"
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def start(env: dict[str, str], state: str) -> tuple[ServerProcess, float]:
@@ -55,7 +49,7 @@ def sequential_edits(env: dict[str, str], method: str, records: list[dict]) -> d
     server, _ = start(env, state)
     rows = []
     try:
-        start_rss = rss_mb(server.proc.pid)
+        start_rss = resident_mb(server.proc.pid)
         with httpx.Client(base_url=server.url, timeout=900) as client:
             for i, r in enumerate(records):
                 request = {k: r[k] for k in ("prompt", "subject", "target_new")}
@@ -66,7 +60,7 @@ def sequential_edits(env: dict[str, str], method: str, records: list[dict]) -> d
                 rows.append(
                     {
                         "edits": i + 1,
-                        "rss_mb": round(rss_mb(server.proc.pid), 1),
+                        "rss_mb": round(resident_mb(server.proc.pid), 1),
                         "compute_s": round(timings["compute_s"], 3),
                         "apply_s": round(timings["apply_s"], 4),
                     }

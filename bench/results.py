@@ -28,6 +28,7 @@ from editserve.eval import datasets, report
 from editserve.eval.measure import MeasureSettings
 from editserve.eval.runner import CHECKPOINTS, RunConfig, evaluate
 from editserve.eval.scoring import score, summarise
+from editserve.eval.store import JsonLines
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -122,10 +123,7 @@ def results(folder: Path) -> dict[str, Any] | None:
 
 def sequence_so_far(folder: Path) -> tuple[int, list[dict[str, Any]]] | None:
     """An unfinished sequential run: the edits it made and the checkpoints it has scored."""
-    path = folder / "sequence.jsonl"
-    if not path.is_file():
-        return None
-    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = JsonLines(folder / "sequence.jsonl").read()  # skips a line a crash cut short
     checkpoints = [e for e in events if e["event"] == "checkpoint"]
     made = sum(e["event"] == "edit" for e in events)
     return (made, checkpoints) if checkpoints else None

@@ -27,6 +27,13 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
+def resident_mb(pid: int | str = "self") -> float:
+    """A process's resident memory (Linux /proc), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
 def give_back_free_memory() -> bool:
     """Returns the heap's free pages to the system (every arena). False where not available."""
     trim = _malloc_trim()

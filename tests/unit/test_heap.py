@@ -7,13 +7,7 @@ import platform
 import pytest
 import torch
 
-from editserve.heap import give_back_free_memory
-
-
-def resident_mb() -> float:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
+from editserve.heap import give_back_free_memory, resident_mb
 
 
 @pytest.mark.skipif(
