@@ -167,12 +167,16 @@ class EvalClient:
                 return r
             await asyncio.sleep(float(r.headers.get("retry-after", "1")))
 
-    async def active_edits(self) -> list[str]:
-        """Ids of the edits applied now, oldest first."""
+    async def applied_edits(self) -> list[dict[str, Any]]:
+        """The edits applied now (GET /edits rows), oldest first."""
         r = await self.client.get("/edits", headers=self.admin_headers)
         r.raise_for_status()
         rows = [e for e in r.json()["data"] if e["status"] == "applied"]
-        return [e["id"] for e in sorted(rows, key=lambda e: e["model_version"] or 0)]
+        return sorted(rows, key=lambda e: e["model_version"] or 0)
+
+    async def active_edits(self) -> list[str]:
+        """Ids of the edits applied now, oldest first."""
+        return [e["id"] for e in await self.applied_edits()]
 
 
 def _message(r: httpx.Response) -> str:

@@ -234,7 +234,22 @@ class Run:
             return [e for e in events if e["event"] == "checkpoint"]
         ours = [e["edit_id"] for e in edits if "edit_id" in e]
         expected = run["preexisting_edits"] + ours
-        active = await self.client.active_edits()
+        applied = await self.client.applied_edits()
+        if lost := self._lost_reply(applied, expected, len(edits)):
+            # The server applied the next edit but the run stopped before logging its reply.
+            log.info("adopting edit %s: applied before the run stopped, not logged", lost["id"])
+            event = {
+                "event": "edit",
+                "index": self.records[len(edits)].index,
+                "edit_id": lost["id"],
+                "model_version": lost["model_version"],
+                "timings": lost.get("timings"),
+                "adopted": True,
+            }
+            seq_log.append(event)
+            edits.append(event)
+            expected.append(lost["id"])
+        active = [e["id"] for e in applied]
         if active != expected:
             unknown = [e for e in active if e not in expected]
             missing = [e for e in expected if e not in active]
@@ -283,6 +298,21 @@ class Run:
                     await self.client.delete_edit(e["edit_id"])
             seq_log.append({"event": "cleanup"})
         return [e for e in seq_log.read() if e["event"] == "checkpoint"]
+
+    def _lost_reply(self, applied: list[dict], expected: list[str], made: int) -> dict | None:
+        """The one applied edit past `expected` when it is this run's next edit (same requests):
+        a run stopped between the server applying an edit and logging the reply leaves it."""
+        if made >= len(self.records) or [e["id"] for e in applied[:-1]] != expected:
+            return None
+        last = applied[-1] if len(applied) == len(expected) + 1 else None
+        sent = self.records[made].requests
+        if last is None or len(last.get("requests") or ()) != len(sent):
+            return None
+        same = all(
+            all(stored.get(k) == request[k] for k in ("prompt", "subject", "target_new"))
+            for stored, request in zip(last["requests"], sent, strict=True)
+        )
+        return last if same else None
 
     async def _checkpoint(self, edits: list[dict]) -> dict:
         """Scores every record edited so far on the model as it is now."""

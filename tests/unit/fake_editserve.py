@@ -18,6 +18,7 @@ class FakeServer:
         self.version = 0
         self.posts = 0  # POST /edits received
         self.fail_on_post: int | None = None  # the Nth POST /edits raises (a crash)
+        self.lose_reply_on_post: int | None = None  # the Nth POST applies, then its reply is lost
         self.fail_on_delete = False
         self.chats = 0  # chat completions served
         self.fail_on_chat: int | None = None  # the Nth chat completion raises
@@ -96,13 +97,20 @@ class FakeServer:
                 "requests": body["requests"],
                 "version": self.version,
             }
+            if self.lose_reply_on_post == self.posts:
+                raise httpx.ReadError("the client stopped before the reply came")
             return httpx.Response(
                 200,
                 json={"id": edit_id, "model_version": self.version, "timings": {"compute_s": 0.5}},
             )
         if path == "/edits" and method == "GET":
             data = [
-                {"id": i, "status": e["status"], "model_version": e["version"]}
+                {
+                    "id": i,
+                    "status": e["status"],
+                    "model_version": e["version"],
+                    "requests": e["requests"],
+                }
                 for i, e in self.edits.items()
             ]
             return httpx.Response(200, json={"data": data})

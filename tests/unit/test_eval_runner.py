@@ -173,6 +173,38 @@ def test_sequential_resume_continues_and_refuses_a_different_server(
         run(cfg, server)
 
 
+def test_sequential_resume_adopts_the_edit_whose_reply_was_lost(data: Path, tmp_path: Path) -> None:
+    server = FakeServer(FACTS)
+    server.lose_reply_on_post = 2  # applied on the server, never logged by the run
+    cfg = config(data, tmp_path / "out", sequential=True, checkpoints=(2,))
+    with pytest.raises(httpx.ReadError):
+        run(cfg, server)
+    assert len(server.active()) == 2
+    server.lose_reply_on_post = None
+    result = run(cfg, server)
+    assert server.posts == 4  # the lost edit was not made twice
+    assert [c["edits"] for c in result["sequential"]] == [2, 4]
+    assert result["sequential"][0]["applied"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "out" / "sequence.jsonl").read_text().splitlines()]
+    edits = [e for e in lines if e["event"] == "edit"]
+    assert [e["index"] for e in edits] == [0, 1, 2, 3]
+    assert edits[1]["adopted"] and edits[1]["edit_id"] == server.active()[1]
+
+
+def test_sequential_resume_does_not_adopt_an_edit_of_other_requests(
+    data: Path, tmp_path: Path
+) -> None:
+    server = FakeServer(FACTS)
+    server.fail_on_post = 2
+    cfg = config(data, tmp_path / "out", sequential=True, checkpoints=(1,))
+    with pytest.raises(httpx.ConnectError):
+        run(cfg, server)
+    server.fail_on_post = None
+    server.edits["edit-other"] = {"status": "applied", "requests": [RECORDS[3]], "version": 99}
+    with pytest.raises(ResumeError, match="edit-other"):
+        run(cfg, server)
+
+
 def test_an_interrupted_checkpoint_is_taken_before_the_next_edit(
     data: Path, tmp_path: Path
 ) -> None:
