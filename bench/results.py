@@ -75,7 +75,12 @@ def run_all(args: argparse.Namespace) -> None:
             for name in names:
                 for method in methods:
                     print(f"== {method} on {name} (n={args.n})", flush=True)
-                    asyncio.run(evaluate(run_config(args, server.url, method, name, n=args.n)))
+                    # The grid's server holds no edit between runs: one left by an interrupted
+                    # run would sit under every later method's measurements.
+                    cfg = run_config(
+                        args, server.url, method, name, n=args.n, require_unedited=True
+                    )
+                    asyncio.run(evaluate(cfg))
         finally:
             server.stop()
     for method in [m for m in args.seq_methods.split(",") if m]:

@@ -44,6 +44,10 @@ class ResumeError(RuntimeError):
     """The output folder or the server does not match the run being resumed."""
 
 
+class ServerAlreadyEdited(RuntimeError):
+    """A new run asked for the unedited model, and the server has edits applied."""
+
+
 @dataclass
 class RunConfig:
     server: str
@@ -62,6 +66,7 @@ class RunConfig:
     concurrency: int = 32  # requests in flight (the server decodes up to 32 together)
     records_in_flight: int = 8  # records observed at once (unedited, and at checkpoints)
     cleanup: bool = False  # sequential: undo the run's edits at the end
+    require_unedited: bool = False  # refuse to start a new run on a server with edits applied
     progress: bool = True
 
 
@@ -114,6 +119,13 @@ class Run:
                 )
             return saved
         run = {"identity": ident, "preexisting_edits": await self.client.active_edits()}
+        if run["preexisting_edits"] and self.cfg.require_unedited:
+            raise ServerAlreadyEdited(
+                f"the server has {len(run['preexisting_edits'])} edits applied "
+                f"({', '.join(run['preexisting_edits'])}), and this run measures the unedited "
+                "model: resume the run that made them (its pending.json undoes its edit), or "
+                "undo them (editserve edits undo ID)"
+            )
         if run["preexisting_edits"]:
             log.warning(
                 "the server already has %d active edits: 'unedited' means the model with them",
@@ -167,13 +179,11 @@ class Run:
 
     # -- independent -----------------------------------------------------------------------------
 
-    async def independent(self) -> list[dict]:
+    async def independent(self, run: dict) -> list[dict]:
         rows_log = JsonLines(self.cfg.out / "records.jsonl")
         pending = self.cfg.out / "pending.json"
         if pending.is_file():  # interrupted between POST and DELETE: undo that edit first
-            edit_id = json.loads(pending.read_text())["edit_id"]
-            if edit_id in await self.client.active_edits():
-                await self.client.delete_edit(edit_id)
+            await self._undo_pending(json.loads(pending.read_text()), run["preexisting_edits"])
             pending.unlink()
         done = {r["index"] for r in rows_log.read()}
         await self.measure_unedited()
@@ -182,15 +192,18 @@ class Run:
             if record.index in done:
                 continue
             pre = self.baseline[record.index]
+            # Before the POST: a run stopped before its reply came still knows an edit may be on.
+            write_json(pending, {"index": record.index})
             try:
                 edit = await self.client.post_edit(
                     self.cfg.method, list(record.requests), record.kind, self.cfg.hparams
                 )
             except EditRefused as exc:
+                pending.unlink()
                 rows_log.append({"index": record.index, "error": str(exc)})
                 bar.update()
                 continue
-            write_json(pending, {"edit_id": edit["id"]})
+            write_json(pending, {"index": record.index, "edit_id": edit["id"]})
             self.client.versions.clear()
             post = await measure(self.client, record, self.cfg.settings)
             versions = sorted(self.client.versions)
@@ -220,6 +233,17 @@ class Run:
         bar.close()
         wanted = self._indices()
         return [r for r in rows_log.read() if r["index"] in wanted]
+
+    async def _undo_pending(self, pending: dict, preexisting: list[str]) -> None:
+        applied = await self.client.applied_edits()
+        edit_id = pending.get("edit_id")
+        if edit_id is None:  # stopped before the POST's reply: find the edit, if it was made
+            record = next((r for r in self.records if r.index == pending["index"]), None)
+            ours = [e for e in applied if e["id"] not in preexisting]
+            if record and ours and _same_requests(ours[-1], record.requests):
+                edit_id = ours[-1]["id"]
+        if edit_id in {e["id"] for e in applied}:
+            await self.client.delete_edit(edit_id)
 
     def _indices(self) -> set[int]:
         return {r.index for r in self.records}
@@ -305,14 +329,7 @@ class Run:
         if made >= len(self.records) or [e["id"] for e in applied[:-1]] != expected:
             return None
         last = applied[-1] if len(applied) == len(expected) + 1 else None
-        sent = self.records[made].requests
-        if last is None or len(last.get("requests") or ()) != len(sent):
-            return None
-        same = all(
-            all(stored.get(k) == request[k] for k in ("prompt", "subject", "target_new"))
-            for stored, request in zip(last["requests"], sent, strict=True)
-        )
-        return last if same else None
+        return last if last and _same_requests(last, self.records[made].requests) else None
 
     async def _checkpoint(self, edits: list[dict]) -> dict:
         """Scores every record edited so far on the model as it is now."""
@@ -343,6 +360,15 @@ class Run:
         }
 
 
+def _same_requests(edit: dict[str, Any], sent: tuple[dict[str, Any], ...]) -> bool:
+    """Whether a GET /edits row carries the requests this run sends for one record."""
+    stored = edit.get("requests") or []
+    return len(stored) == len(sent) and all(
+        all(s.get(k) == r[k] for k in ("prompt", "subject", "target_new"))
+        for s, r in zip(stored, sent, strict=True)
+    )
+
+
 async def evaluate(
     cfg: RunConfig, transport: httpx.AsyncBaseTransport | None = None
 ) -> dict[str, Any]:
@@ -366,7 +392,7 @@ async def evaluate(
             result["edited"] = last["edited"] if last else None
             result["unedited"] = last["unedited"] if last else None
         else:
-            rows = await job.independent()
+            rows = await job.independent(run)
             ok = [r for r in rows if "error" not in r]
             result["edited"] = summarise([r["post"] for r in ok])
             result["unedited"] = summarise([r["pre"] for r in ok])

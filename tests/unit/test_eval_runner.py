@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from editserve.eval.measure import MeasureSettings
-from editserve.eval.runner import ResumeError, RunConfig, evaluate
+from editserve.eval.runner import ResumeError, RunConfig, ServerAlreadyEdited, evaluate
 from tests.unit.fake_editserve import FakeServer
 
 RECORDS = [
@@ -134,6 +134,31 @@ def test_an_edit_left_applied_by_a_crash_is_undone_on_resume(data: Path, tmp_pat
     server.fail_on_delete = False
     run(cfg, server)
     assert server.active() == []
+
+
+def test_an_edit_whose_reply_was_lost_is_found_and_undone_on_resume(
+    data: Path, tmp_path: Path
+) -> None:
+    server = FakeServer(FACTS)
+    server.lose_reply_on_post = 2  # applied on the server; the run never learns its id
+    cfg = config(data, tmp_path / "out")
+    with pytest.raises(httpx.ReadError):
+        run(cfg, server)
+    assert len(server.active()) == 1
+    server.lose_reply_on_post = None
+    result = run(cfg, server)
+    assert server.active() == []
+    assert result["edits_applied"] == 3  # record 1 was measured once, on its own edit
+
+
+def test_a_run_that_requires_the_unedited_model_refuses_an_edited_server(
+    data: Path, tmp_path: Path
+) -> None:
+    server = FakeServer(FACTS)
+    server.edits["edit-left"] = {"status": "applied", "requests": [], "version": 1}
+    with pytest.raises(ServerAlreadyEdited, match="edit-left"):
+        run(config(data, tmp_path / "out", require_unedited=True), server)
+    assert server.posts == 0
 
 
 def test_a_changed_run_is_refused(data: Path, tmp_path: Path) -> None:
