@@ -175,9 +175,21 @@ def render(args: argparse.Namespace) -> str:
             continue
         n = max(r["n"] for _, r in found)
         rows = [(f"unedited (n={n})", unedited(args, name, n))]
-        rows += [(f"{m} (n={r['edits_applied']})", r["edited"]) for m, r in found]
+        rows += [
+            (
+                f"{m} (n={r['edits_applied']}){' †' if r.get('preexisting_edits') else ''}",
+                r["edited"],
+            )
+            for m, r in found
+        ]
         parts.append(f"## {name}: `{DATASETS[name]}`, first {n} records\n")
         parts.append(report.table(rows, "method") + "\n")
+        if any(r.get("preexisting_edits") for _, r in found):
+            parts.append(
+                "† measured while an edit left by an interrupted run was still applied on the "
+                "server (named in its run.json as preexisting): the unedited row is the true "
+                "unedited model's, and this row is not a clean measurement; to be run again.\n"
+            )
         absent = [m for m in METHODS.split(",") if m not in dict(found)]
         if absent:
             parts.append(f"Not run on {name}: {', '.join(absent)}.\n")
