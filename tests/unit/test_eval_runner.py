@@ -177,7 +177,7 @@ def test_sequential_keeps_the_edits_and_scores_at_checkpoints(data: Path, tmp_pa
     assert all(c["edited"]["reliability_tf"] == 100.0 for c in result["sequential"])
 
 
-def test_sequential_resume_continues_and_refuses_a_different_server(
+def test_sequential_resume_continues_and_refuses_edits_not_its_own(
     data: Path, tmp_path: Path
 ) -> None:
     server = FakeServer(FACTS)
@@ -186,6 +186,11 @@ def test_sequential_resume_continues_and_refuses_a_different_server(
     with pytest.raises(httpx.ConnectError):
         run(cfg, server)
     server.fail_on_post = None
+    # An edit past the run's own that is not its next one (other requests) is not adopted.
+    server.edits["edit-other"] = {"status": "applied", "requests": [RECORDS[3]], "version": 9}
+    with pytest.raises(ResumeError, match="edit-other"):
+        run(cfg, server)
+    server.edits["edit-other"]["status"] = "undone"
     result = run(cfg, server)
     assert [c["edits"] for c in result["sequential"]] == [1, 4]
     assert len(server.active()) == 3
@@ -214,20 +219,6 @@ def test_sequential_resume_adopts_the_edit_whose_reply_was_lost(data: Path, tmp_
     edits = [e for e in lines if e["event"] == "edit"]
     assert [e["index"] for e in edits] == [0, 1, 2, 3]
     assert edits[1]["adopted"] and edits[1]["edit_id"] == server.active()[1]
-
-
-def test_sequential_resume_does_not_adopt_an_edit_of_other_requests(
-    data: Path, tmp_path: Path
-) -> None:
-    server = FakeServer(FACTS)
-    server.fail_on_post = 2
-    cfg = config(data, tmp_path / "out", sequential=True, checkpoints=(1,))
-    with pytest.raises(httpx.ConnectError):
-        run(cfg, server)
-    server.fail_on_post = None
-    server.edits["edit-other"] = {"status": "applied", "requests": [RECORDS[3]], "version": 99}
-    with pytest.raises(ResumeError, match="edit-other"):
-        run(cfg, server)
 
 
 def test_an_interrupted_checkpoint_is_taken_before_the_next_edit(
