@@ -1,7 +1,7 @@
 """How a model holds up along a journal of weight edits: where a sequential run collapses.
 
 Reads a server's state folder (its journal; the server must be stopped), applies the applied
-edits in journal order to the embedded model offline, and every `--every` edits records:
+weight edits in journal order to the embedded model offline, and every `--every` edits records:
 - the size of the summed ΔW of each edited matrix against its pristine weights (relative
   Frobenius norm, the largest over the matrices);
 - the greedy chat answers to a few questions no edit is about, and how many still match the
@@ -23,6 +23,7 @@ from harness import machine_info
 
 from editserve.config import Settings
 from editserve.edits.journal import Journal
+from editserve.edits.methods import METHODS
 from editserve.modelstore import load_model
 from methods.base import ParamDelta
 
@@ -60,7 +61,8 @@ def main() -> int:
     loaded = load_model(None, Settings().cache_dir)  # EDITSERVE_CACHE_DIR, as the server reads it
     params = dict(loaded.model.named_parameters())
     journal = Journal(args.state)
-    rows = journal.list(("applied",))  # in journal order
+    # Weight edits only, in journal order: memory edits (GRACE, SERAC, IKE, ICE) change no weight.
+    rows = [r for r in journal.list(("applied",)) if METHODS[r.method].payload != "memory"]
     pristine: dict[str, torch.Tensor] = {}
     total: dict[str, torch.Tensor] = {}
     unedited = chat_answers(loaded, args.tokens)
