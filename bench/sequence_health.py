@@ -23,7 +23,6 @@ from harness import machine_info
 
 from editserve.config import Settings
 from editserve.edits.journal import Journal
-from editserve.edits.methods import METHODS
 from editserve.modelstore import load_model
 from methods.base import ParamDelta
 
@@ -61,8 +60,10 @@ def main() -> int:
     loaded = load_model(None, Settings().cache_dir)  # EDITSERVE_CACHE_DIR, as the server reads it
     params = dict(loaded.model.named_parameters())
     journal = Journal(args.state)
-    # Weight edits only, in journal order: memory edits (GRACE, SERAC, IKE, ICE) change no weight.
-    rows = [r for r in journal.list(("applied",)) if METHODS[r.method].payload != "memory"]
+    # Weight edits only, in journal order: a memory edit (GRACE, SERAC, IKE, ICE) changes no
+    # weight, and its spec names its memory entries. (editserve.edits.methods would say it too,
+    # but its import of the `memory` package meets bench/memory.py first on this script's path.)
+    rows = [r for r in journal.list(("applied",)) if "memory" not in r.spec]
     pristine: dict[str, torch.Tensor] = {}
     total: dict[str, torch.Tensor] = {}
     unedited = chat_answers(loaded, args.tokens)
