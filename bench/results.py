@@ -27,7 +27,7 @@ from harness import ServerProcess, machine_info
 from editserve.eval import datasets, report
 from editserve.eval.measure import MeasureSettings
 from editserve.eval.runner import CHECKPOINTS, RunConfig, evaluate
-from editserve.eval.scoring import score, summarise
+from editserve.eval.scoring import add_counts, probe_counts, score, summarise
 from editserve.eval.store import JsonLines
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,35 @@ def unedited(args: argparse.Namespace, name: str, n: int) -> dict[str, Any] | No
     return summarise(scored) if scored else None
 
 
+def observed(path: Path) -> dict[int, dict[str, Any]]:
+    """Observations per record index from a baseline.jsonl or records.jsonl (refusals have none)."""
+    return {r["index"]: r["observed"] for r in JsonLines(path).read() if "observed" in r}
+
+
+def group_counts(
+    args: argparse.Namespace, name: str, n: int, methods: list[str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Chat answers per portability and locality group: the unedited model, then each method."""
+    _, records = datasets.load(SHARED / DATASETS[name], n, args.seed, args.max_probes)
+    pre = observed(args.work / name / "baseline.jsonl")
+    rows = [("unedited", pre)] + [
+        (m, observed(args.work / name / m / "records.jsonl")) for m in methods
+    ]
+    return [
+        (
+            label,
+            add_counts(
+                [
+                    probe_counts(r, post[r.index], pre[r.index])
+                    for r in records
+                    if r.index in post and r.index in pre
+                ]
+            ),
+        )
+        for label, post in rows
+    ]
+
+
 def results(folder: Path) -> dict[str, Any] | None:
     path = folder / "results.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -184,6 +213,13 @@ def render(args: argparse.Namespace) -> str:
         ]
         parts.append(f"## {name}: `{DATASETS[name]}`, first {n} records\n")
         parts.append(report.table(rows, "method") + "\n")
+        counts = group_counts(args, name, n, [m for m, _ in found])
+        if any(c["portability"] or c["locality"] for _, c in counts):
+            parts.append(
+                "Chat answers per probe group, counted / probes: portability answers that "
+                "contain an accepted answer, locality answers left word for word unchanged.\n"
+            )
+            parts.append(report.count_table(counts, "method") + "\n")
         if any(r.get("preexisting_edits") for _, r in found):
             parts.append(
                 "† measured while an edit left by an interrupted run was still applied on the "

@@ -63,9 +63,38 @@ def run_markdown(result: dict[str, Any]) -> str:
         parts.append(
             table([("unedited", result["unedited"]), (result["method"], result["edited"])])
         )
+        counts = result.get("probe_counts")
+        if counts and any(counts["edited"].values()):
+            parts.append(
+                "Chat answers per probe group, counted / probes (portability: right; "
+                "locality: unchanged):\n\n"
+                + count_table(
+                    [("unedited", counts["unedited"]), (result["method"], counts["edited"])]
+                )
+            )
         if result.get("refused"):
             parts.append(
                 f"{len(result['refused'])} edits refused by the server (see results.json)."
             )
     parts.append(LEGEND)
     return "\n\n".join(parts) + "\n"
+
+
+def count_table(rows: list[tuple[str, dict[str, Any] | None]], first: str = "") -> str:
+    """One row per (label, `add_counts` total); a column per probe group in any row, each
+    cell "counted / probes" (portability: chat answers right; locality: answers unchanged)."""
+    present = {
+        (kind, key): None
+        for kind in ("portability", "locality")
+        for _, counts in rows
+        for key in (counts or {}).get(kind, {})
+    }
+    heads = [f"{'Port.' if kind == 'portability' else 'Loc.'} {key}" for kind, key in present]
+    lines = ["| " + " | ".join([first, *heads]) + " |", "|" + "---|" * (len(heads) + 1)]
+    for label, counts in rows:
+        cells = []
+        for kind, key in present:
+            found = (counts or {}).get(kind, {}).get(key)
+            cells.append("—" if found is None else f"{found[0]} / {found[1]}")
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)

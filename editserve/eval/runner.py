@@ -33,7 +33,7 @@ from editserve.eval import datasets, report
 from editserve.eval.client import EditRefused, EvalClient
 from editserve.eval.datasets import EvalRecord
 from editserve.eval.measure import MeasureSettings, measure
-from editserve.eval.scoring import score, summarise
+from editserve.eval.scoring import add_counts, probe_counts, score, summarise
 from editserve.eval.store import JsonLines, write_json
 
 log = logging.getLogger("editserve.eval")
@@ -396,6 +396,19 @@ async def evaluate(
             ok = [r for r in rows if "error" not in r]
             result["edited"] = summarise([r["post"] for r in ok])
             result["unedited"] = summarise([r["pre"] for r in ok])
+            records = {r.index: r for r in job.records}
+            pre = job.baseline
+            result["probe_counts"] = {
+                "edited": add_counts(
+                    [probe_counts(records[r["index"]], r["observed"], pre[r["index"]]) for r in ok]
+                ),
+                "unedited": add_counts(
+                    [
+                        probe_counts(records[r["index"]], pre[r["index"]], pre[r["index"]])
+                        for r in ok
+                    ]
+                ),
+            }
             result["refused"] = [
                 {"index": r["index"], "error": r["error"]} for r in rows if "error" in r
             ]

@@ -45,6 +45,30 @@ def _success(probes: tuple[Probe, ...], observed: list[dict]) -> tuple[float | N
     return tf, gen
 
 
+def _portability_answers(record: EvalRecord, post: dict[str, Any]) -> dict[str, list[float]]:
+    """Per portability group, 1.0 for each chat answer that contains an accepted answer."""
+    return {
+        key: [
+            float(contains_answer(o["answer"], p.answers))
+            for p, o in zip(probes, post["portability"][key], strict=True)
+        ]
+        for key, probes in record.portability.items()
+    }
+
+
+def _locality_answers(
+    record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]
+) -> dict[str, list[float]]:
+    """Per locality group, 1.0 for each chat answer the edit left word for word unchanged."""
+    return {
+        key: [
+            float(b["answer"] == a["answer"])
+            for b, a in zip(pre["locality"][key], post["locality"][key], strict=True)
+        ]
+        for key in record.locality
+    }
+
+
 def score(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) -> dict[str, Any]:
     """Metrics of one record, in [0, 1] (fluency in bits); None where the record has no probe.
     Scoring the unedited model against itself (post = pre) gives its own figures."""
@@ -57,19 +81,19 @@ def score(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) -> dict
             record.generalization, post["generalization"]
         )
     if record.portability:
-        tf, gen = {}, {}
-        for key, probes in record.portability.items():
-            pairs = list(zip(probes, post["portability"][key], strict=True))
-            tf[key] = [token_accuracy(_hits(o)) for _, o in pairs]
-            gen[key] = [float(contains_answer(o["answer"], p.answers)) for p, o in pairs]
-        out["portability_tf"], out["portability_gen"] = grouped_mean(tf), grouped_mean(gen)
+        tf = {
+            key: [token_accuracy(_hits(o)) for o in post["portability"][key]]
+            for key in record.portability
+        }
+        out["portability_tf"] = grouped_mean(tf)
+        out["portability_gen"] = grouped_mean(_portability_answers(record, post))
     if record.locality:
-        tf, gen = {}, {}
+        tf = {}
         for key in record.locality:
-            pairs = list(zip(pre["locality"][key], post["locality"][key], strict=True))
+            pairs = zip(pre["locality"][key], post["locality"][key], strict=True)
             tf[key] = [agreement(b["top1"], a["top1"]) for b, a in pairs]
-            gen[key] = [float(b["answer"] == a["answer"]) for b, a in pairs]
-        out["locality_tf"], out["locality_gen"] = grouped_mean(tf), grouped_mean(gen)
+        out["locality_tf"] = grouped_mean(tf)
+        out["locality_gen"] = grouped_mean(_locality_answers(record, post, pre))
     if post.get("fluency"):
         out["fluency_raw"] = ngram_entropy(post["fluency"]["raw"])
         out["fluency_chat"] = ngram_entropy(post["fluency"]["chat"])
@@ -92,3 +116,29 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[name] = round(100 * sum(values) / len(values), 2) if values else None
         out[f"{name}_n"] = len(values)
     return out
+
+
+def probe_counts(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) -> dict[str, Any]:
+    """Chat answers per probe group, as [counted, probes]: portability answers that contain an
+    accepted answer, locality answers left unchanged. The means above weigh every record alike
+    and hide which kind of probe moved; these counts show it."""
+    groups = {
+        "portability": _portability_answers(record, post),
+        "locality": _locality_answers(record, post, pre),
+    }
+    return {
+        kind: {key: [int(sum(values)), len(values)] for key, values in found.items()}
+        for kind, found in groups.items()
+    }
+
+
+def add_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`probe_counts` of many records, summed group by group."""
+    total: dict[str, Any] = {"portability": {}, "locality": {}}
+    for row in rows:
+        for kind, found in row.items():
+            for key, (counted, probes) in found.items():
+                into = total[kind].setdefault(key, [0, 0])
+                into[0] += counted
+                into[1] += probes
+    return total

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from editserve.eval.report import table
+from editserve.eval.report import count_table, table
 
 
 def test_table_keeps_measured_columns_and_marks_gaps() -> None:
@@ -17,3 +17,17 @@ def test_table_keeps_measured_columns_and_marks_gaps() -> None:
     assert lines[0] == "| method | Rel. TF | Loc. TF |"  # no portability was measured anywhere
     assert lines[2] == "| unedited | 12.3 | 100.0 |"
     assert lines[3] == "| rome | 95.0 | — |"
+
+
+def test_count_table_has_a_column_per_group_seen_in_any_row() -> None:
+    text = count_table(
+        [
+            ("unedited", {"portability": {"Reasoning": [1, 4]}, "locality": {"Other": [3, 3]}}),
+            ("rome", {"portability": {"Subject_Aliasing": [2, 5]}, "locality": {"Other": [0, 3]}}),
+        ],
+        "method",
+    )
+    lines = text.splitlines()
+    assert lines[0] == "| method | Port. Reasoning | Port. Subject_Aliasing | Loc. Other |"
+    assert lines[2] == "| unedited | 1 / 4 | — | 3 / 3 |"
+    assert lines[3] == "| rome | — | 2 / 5 | 0 / 3 |"

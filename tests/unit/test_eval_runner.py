@@ -69,7 +69,10 @@ def test_independent_run_scores_and_undoes_every_edit(data: Path, tmp_path: Path
     assert unedited["reliability_tf"] == 0.0 and unedited["reliability_gen"] == 0.0
     assert edited["locality_tf"] == 100.0 and edited["locality_gen"] == 100.0
     assert edited["generalization_gen"] == 0.0  # the fake edits only the exact prompt
-    assert "| unedited |" in (tmp_path / "out" / "results.md").read_text()
+    # The three applied edits left every anthem answer as it was.
+    assert result["probe_counts"]["edited"]["locality"] == {"Relation_Specificity": [3, 3]}
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| unedited |" in markdown and "| rome | 3 / 3 |" in markdown
 
 
 def test_an_interrupted_run_resumes_without_repeating_work(data: Path, tmp_path: Path) -> None:

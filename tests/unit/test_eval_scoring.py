@@ -7,7 +7,7 @@ import math
 import pytest
 
 from editserve.eval.datasets import EvalRecord, Probe, Sentiment
-from editserve.eval.scoring import score, summarise
+from editserve.eval.scoring import add_counts, probe_counts, score, summarise
 
 RECORD = EvalRecord(
     index=0,
@@ -64,6 +64,20 @@ def test_score_of_an_edit() -> None:
     assert m["locality_gen"] == pytest.approx((0.0 + 1.0) / 2)
     assert m["fluency_raw"] == 0.0  # one repeated word: every n-gram the same
     assert m["fluency_chat"] > 0
+
+
+def test_probe_counts_per_group_and_their_sum() -> None:
+    counts = probe_counts(RECORD, POST, PRE)
+    # "The Rhone." holds an accepted alias; "Lyon." replaced "French."; both "Other" unchanged.
+    assert counts == {
+        "portability": {"Reasoning": [1, 1]},
+        "locality": {"Relation_Specificity": [0, 1], "Other": [2, 2]},
+    }
+    total = add_counts([counts, probe_counts(RECORD, PRE, PRE)])
+    assert total == {
+        "portability": {"Reasoning": [1, 2]},  # the unedited model answered "The Seine."
+        "locality": {"Relation_Specificity": [1, 2], "Other": [4, 4]},
+    }
 
 
 def test_the_unedited_model_scored_against_itself() -> None:
