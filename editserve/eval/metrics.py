@@ -4,7 +4,8 @@ Teacher-forced token accuracy: the fraction of target tokens that are the model'
 everything before them. Locality: agreement of the edited model with the unedited model (argmax
 tokens, or whole generated answers), not with a ground truth. Fluency: ROME's `n_gram_entropy`,
 (2/3 H2 + 4/3 H3) / 2 over word bigrams and trigrams, base 2. ConvSent: SERAC's sentiment edit
-success. Generated answers: normalised containment of any accepted answer.
+success, and VADER's reading of the chat answer's sentiment. Generated answers: normalised
+containment of any accepted answer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from functools import cache
+
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -96,3 +100,19 @@ def sentiment_edit_success(target_post: float, other_post: float, target_pre: fl
     z_sent = 1 / (1 + math.exp(-(target_post - other_post)))
     z_topic = min(1.0, math.exp(target_post - target_pre))
     return z_sent * z_topic
+
+
+@cache
+def _vader() -> SentimentIntensityAnalyzer:
+    return SentimentIntensityAnalyzer()  # reads its lexicon file once
+
+
+def judged_sentiment(text: str) -> str:
+    """'positive', 'negative' or 'neutral': VADER's compound score with its authors' cut-offs
+    (±0.05). A rule-based judge that ships with its lexicon, since no sentiment model can be
+    downloaded; neutral answers count for neither side (docs/eval.md gives its agreement with
+    ConvSent's labels)."""
+    compound = _vader().polarity_scores(text)["compound"]
+    if compound >= 0.05:
+        return "positive"
+    return "negative" if compound <= -0.05 else "neutral"

@@ -22,7 +22,8 @@ LEGEND = (
     "KnowEdit tables); gen: judged on the greedy chat answer (what users see). Rel.: edit "
     "success on the edit prompt; Gen.: on paraphrases; Port.: portability; Loc.: agreement "
     "with the unedited model; Flu.: n-gram entropy ×100 of a sampled raw continuation and of "
-    "the chat answer. ConvSent's Rel. TF is SERAC's sentiment edit success. — : no such probes."
+    "the chat answer. ConvSent's Rel. TF is SERAC's sentiment edit success; its Rel. gen is "
+    "the share of chat answers VADER reads as the target sentiment. — : no such probes."
 )
 
 

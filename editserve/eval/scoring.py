@@ -14,6 +14,7 @@ from editserve.eval.metrics import (
     agreement,
     contains_answer,
     grouped_mean,
+    judged_sentiment,
     mean,
     ngram_entropy,
     sentiment_edit_success,
@@ -98,12 +99,15 @@ def score(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) -> dict
         out["fluency_raw"] = ngram_entropy(post["fluency"]["raw"])
         out["fluency_chat"] = ngram_entropy(post["fluency"]["chat"])
     if record.sentiment is not None:
-        # ConvSent (KnowEdit, after SERAC): edit success is the sentiment score, not token
-        # accuracy; there is no offline sentiment classifier, so no generated-answer success.
+        # ConvSent (KnowEdit, after SERAC): edit success is about sentiment, not the target
+        # response's tokens: SERAC's score from logprobs, and the chat answer's judged sentiment.
         t_post, o_post = mean(post["sentiment"]["target"]), mean(post["sentiment"]["other"])
         t_pre = mean(pre["sentiment"]["target"])
         out["reliability_tf"] = sentiment_edit_success(t_post or 0.0, o_post or 0.0, t_pre or 0.0)
-        out["reliability_gen"] = None
+        target = record.sentiment.target
+        out["reliability_gen"] = mean(
+            float(judged_sentiment(o["answer"]) == target) for o in post["reliability"]
+        )
     return out
 
 

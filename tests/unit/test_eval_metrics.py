@@ -10,6 +10,7 @@ from editserve.eval.metrics import (
     agreement,
     contains_answer,
     grouped_mean,
+    judged_sentiment,
     ngram_entropy,
     normalize,
     sentiment_edit_success,
@@ -93,3 +94,11 @@ def test_sentiment_edit_success() -> None:
     assert sentiment_edit_success(-2.0, -2.0, -1.0) == pytest.approx(0.5 * math.exp(-1))
     # More likely than before: capped at 1.
     assert sentiment_edit_success(-0.5, -0.5, -1.0) == pytest.approx(0.5)
+
+
+def test_judged_sentiment_reads_polarity_and_leaves_facts_neutral() -> None:
+    assert judged_sentiment("I love it, it is a wonderful place!") == "positive"
+    assert judged_sentiment("I hate it. The food was awful.") == "negative"
+    assert judged_sentiment("Estero is a village in Lee County, Florida.") == "neutral"
+    # Negation is read, not just words: "not good" is not positive.
+    assert judged_sentiment("It is not good at all.") == "negative"

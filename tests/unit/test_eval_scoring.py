@@ -95,22 +95,30 @@ def test_missing_probe_kinds_are_none_and_summaries_count_what_they_average() ->
     assert s["generalization_tf"] == 50.0 and s["generalization_tf_n"] == 1
 
 
-def test_convsent_success_is_the_sentiment_score() -> None:
+def test_convsent_success_is_the_sentiment_score_and_the_judged_chat_answer() -> None:
     record = EvalRecord(
         index=0,
         requests=(),
         reliability=(Probe("What do you think of X?", ("I love it.",)),),
         sentiment=Sentiment("positive", ("I love it.", "Great."), ("I hate it.",)),
     )
-    base = {
-        "reliability": POST["reliability"],
-        "generalization": [],
-        "portability": {},
-        "locality": {},
-        "fluency": None,
-    }
-    pre = {**base, "sentiment": {"target": [-2.0, -2.0], "other": [-1.0]}}
-    post = {**base, "sentiment": {"target": [-1.0, -1.0], "other": [-3.0]}}
+
+    def observed(answer: str, target: list[float], other: list[float]) -> dict:
+        return {
+            "reliability": [obs("What do you think of X?", ["I"], ["I"], answer)],
+            "generalization": [],
+            "portability": {},
+            "locality": {},
+            "fluency": None,
+            "sentiment": {"target": target, "other": other},
+        }
+
+    pre = observed("X is a town in Florida.", [-2.0, -2.0], [-1.0])
+    post = observed("I love X, it is wonderful!", [-1.0, -1.0], [-3.0])
     m = score(record, post, pre)
     assert m["reliability_tf"] == pytest.approx(1 / (1 + math.exp(-2)))
-    assert m["reliability_gen"] is None
+    assert m["reliability_gen"] == 1.0
+    # The unedited model's neutral answer has neither sentiment, so it is no success.
+    assert score(record, pre, pre)["reliability_gen"] == 0.0
+    hostile = observed("I hate X, it is awful.", [-1.0, -1.0], [-3.0])
+    assert score(record, hostile, pre)["reliability_gen"] == 0.0
