@@ -129,7 +129,7 @@ def observed(path: Path) -> dict[int, dict[str, Any]]:
 def group_counts(
     args: argparse.Namespace, name: str, n: int, methods: list[str]
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Chat answers per portability and locality group: the unedited model, then each method."""
+    """Chat answers per probe group (`probe_counts`): the unedited model, then each method."""
     _, records = datasets.load(SHARED / DATASETS[name], n, args.seed, args.max_probes)
     pre = observed(args.work / name / "baseline.jsonl")
     rows = [("unedited", pre)] + [
@@ -214,10 +214,16 @@ def render(args: argparse.Namespace) -> str:
         parts.append(f"## {name}: `{DATASETS[name]}`, first {n} records\n")
         parts.append(report.table(rows, "method") + "\n")
         counts = group_counts(args, name, n, [m for m, _ in found])
-        if any(c["portability"] or c["locality"] for _, c in counts):
+        if any(any(c.values()) for _, c in counts):
+            sentiment = any(c.get("sentiment") for _, c in counts)
             parts.append(
                 "Chat answers per probe group, counted / probes: portability answers that "
-                "contain an accepted answer, locality answers left word for word unchanged.\n"
+                "contain an accepted answer, locality answers left word for word unchanged"
+                + (
+                    ", edit answers that VADER reads as the target sentiment, per target.\n"
+                    if sentiment
+                    else ".\n"
+                )
             )
             parts.append(report.count_table(counts, "method") + "\n")
         if any(r.get("preexisting_edits") for _, r in found):

@@ -68,7 +68,7 @@ def run_markdown(result: dict[str, Any]) -> str:
         if counts and any(counts["edited"].values()):
             parts.append(
                 "Chat answers per probe group, counted / probes (portability: right; "
-                "locality: unchanged):\n\n"
+                "locality: unchanged; Rel. target: read as that target sentiment):\n\n"
                 + count_table(
                     [("unedited", counts["unedited"]), (result["method"], counts["edited"])]
                 )
@@ -81,16 +81,21 @@ def run_markdown(result: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+# Probe-count kinds in column order, with their column prefixes.
+COUNT_KINDS = {"sentiment": "Rel. target", "portability": "Port.", "locality": "Loc."}
+
+
 def count_table(rows: list[tuple[str, dict[str, Any] | None]], first: str = "") -> str:
     """One row per (label, `add_counts` total); a column per probe group in any row, each
-    cell "counted / probes" (portability: chat answers right; locality: answers unchanged)."""
+    cell "counted / probes" (portability: chat answers right; locality: answers unchanged;
+    ConvSent's edit answers: read as the target sentiment, per target)."""
     present = {
         (kind, key): None
-        for kind in ("portability", "locality")
+        for kind in COUNT_KINDS
         for _, counts in rows
         for key in (counts or {}).get(kind, {})
     }
-    heads = [f"{'Port.' if kind == 'portability' else 'Loc.'} {key}" for kind, key in present]
+    heads = [f"{COUNT_KINDS[kind]} {key}" for kind, key in present]
     lines = ["| " + " | ".join([first, *heads]) + " |", "|" + "---|" * (len(heads) + 1)]
     for label, counts in rows:
         cells = []

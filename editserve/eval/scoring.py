@@ -46,6 +46,12 @@ def _success(probes: tuple[Probe, ...], observed: list[dict]) -> tuple[float | N
     return tf, gen
 
 
+def _sentiment_answers(record: EvalRecord, post: dict[str, Any]) -> list[float]:
+    """ConvSent: 1.0 for each chat answer to the edit prompt read as the target sentiment."""
+    target = record.sentiment.target
+    return [float(judged_sentiment(o["answer"]) == target) for o in post["reliability"]]
+
+
 def _portability_answers(record: EvalRecord, post: dict[str, Any]) -> dict[str, list[float]]:
     """Per portability group, 1.0 for each chat answer that contains an accepted answer."""
     return {
@@ -104,10 +110,7 @@ def score(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) -> dict
         t_post, o_post = mean(post["sentiment"]["target"]), mean(post["sentiment"]["other"])
         t_pre = mean(pre["sentiment"]["target"])
         out["reliability_tf"] = sentiment_edit_success(t_post or 0.0, o_post or 0.0, t_pre or 0.0)
-        target = record.sentiment.target
-        out["reliability_gen"] = mean(
-            float(judged_sentiment(o["answer"]) == target) for o in post["reliability"]
-        )
+        out["reliability_gen"] = mean(_sentiment_answers(record, post))
     return out
 
 
@@ -125,11 +128,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def probe_counts(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) -> dict[str, Any]:
     """Chat answers per probe group, as [counted, probes]: portability answers that contain an
     accepted answer, locality answers left unchanged. The means above weigh every record alike
-    and hide which kind of probe moved; these counts show it."""
+    and hide which kind of probe moved; these counts show it. ConvSent records add their edit
+    answers read as the target sentiment, grouped by that sentiment: the unedited model leans
+    to one side, so the two targets start far apart."""
     groups = {
         "portability": _portability_answers(record, post),
         "locality": _locality_answers(record, post, pre),
     }
+    if record.sentiment is not None:
+        groups["sentiment"] = {record.sentiment.target: _sentiment_answers(record, post)}
     return {
         kind: {key: [int(sum(values)), len(values)] for key, values in found.items()}
         for kind, found in groups.items()
@@ -142,7 +149,7 @@ def add_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for row in rows:
         for kind, found in row.items():
             for key, (counted, probes) in found.items():
-                into = total[kind].setdefault(key, [0, 0])
+                into = total.setdefault(kind, {}).setdefault(key, [0, 0])
                 into[0] += counted
                 into[1] += probes
     return total

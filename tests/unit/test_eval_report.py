@@ -31,3 +31,15 @@ def test_count_table_has_a_column_per_group_seen_in_any_row() -> None:
     assert lines[0] == "| method | Port. Reasoning | Port. Subject_Aliasing | Loc. Other |"
     assert lines[2] == "| unedited | 1 / 4 | — | 3 / 3 |"
     assert lines[3] == "| rome | — | 2 / 5 | 0 / 3 |"
+
+
+def test_count_table_puts_convsent_targets_first() -> None:
+    text = count_table(
+        [
+            ("unedited", {"portability": {}, "locality": {}, "sentiment": {"negative": [3, 50]}}),
+            ("rome", {"portability": {}, "locality": {}, "sentiment": {"negative": [20, 50]}}),
+        ]
+    )
+    lines = text.splitlines()
+    assert lines[0] == "|  | Rel. target negative |"
+    assert lines[3] == "| rome | 20 / 50 |"

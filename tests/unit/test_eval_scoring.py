@@ -122,3 +122,7 @@ def test_convsent_success_is_the_sentiment_score_and_the_judged_chat_answer() ->
     assert score(record, pre, pre)["reliability_gen"] == 0.0
     hostile = observed("I hate X, it is awful.", [-1.0, -1.0], [-3.0])
     assert score(record, hostile, pre)["reliability_gen"] == 0.0
+    # Counted per target sentiment, so positive and negative edits can be read apart.
+    counts = [probe_counts(record, post, pre), probe_counts(record, hostile, pre)]
+    assert counts[0]["sentiment"] == {"positive": [1, 1]}
+    assert add_counts(counts)["sentiment"] == {"positive": [1, 2]}
