@@ -66,9 +66,14 @@ def run_markdown(result: dict[str, Any]) -> str:
         )
         counts = result.get("probe_counts")
         if counts and any(counts["edited"].values()):
+            sentiment = (
+                "; Rel. target: read as that target sentiment"
+                if "sentiment" in counts["edited"]
+                else ""
+            )
             parts.append(
                 "Chat answers per probe group, counted / probes (portability: right; "
-                "locality: unchanged; Rel. target: read as that target sentiment):\n\n"
+                f"locality: unchanged{sentiment}):\n\n"
                 + count_table(
                     [("unedited", counts["unedited"]), (result["method"], counts["edited"])]
                 )
