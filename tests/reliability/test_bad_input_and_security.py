@@ -128,6 +128,20 @@ def test_bad_edit_bodies_change_nothing(client: TestClient) -> None:
     assert client.get("/edits").json()["data"] == []
 
 
+def test_targets_too_long_for_the_limit_or_the_context_are_400(client: TestClient) -> None:
+    before = weights_hash(client)
+    request = EDIT["requests"][0]
+    long_target = {**EDIT, "requests": [{**request, "target_new": "x" * 200}]}
+    message = assert_clear_4xx(client.post("/edits", json=long_target), 400)
+    assert "the most is 128" in message
+    # One byte per token and a 128-token context: a 100-token target fits the limit, not the model.
+    no_room = {**EDIT, "requests": [{**request, "target_new": "x" * 99}]}
+    message = assert_clear_4xx(client.post("/edits", json=no_room), 400)
+    assert "do not fit the model's 128-token context" in message
+    assert weights_hash(client) == before
+    assert client.get("/edits").json()["data"] == []
+
+
 def test_edit_and_inference_keys_are_separate(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     install_shift(monkeypatch)
     with make_client(tmp_path, api_key=USER, admin_key=ADMIN) as c:
