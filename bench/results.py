@@ -220,7 +220,8 @@ def render(args: argparse.Namespace) -> str:
                 "Chat answers per probe group, counted / probes: portability answers that "
                 "contain an accepted answer, locality answers left word for word unchanged"
                 + (
-                    ", edit answers that VADER reads as the target sentiment, per target.\n"
+                    ", edit answers that VADER reads as the target sentiment (Rel. target) and "
+                    "that contain the whole target response (Rel. verbatim), per target.\n"
                     if sentiment
                     else ".\n"
                 )

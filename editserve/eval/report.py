@@ -67,7 +67,8 @@ def run_markdown(result: dict[str, Any]) -> str:
         counts = result.get("probe_counts")
         if counts and any(counts["edited"].values()):
             sentiment = (
-                "; Rel. target: read as that target sentiment"
+                "; Rel. target: read as that target sentiment; Rel. verbatim: containing the "
+                "whole target response, per target"
                 if "sentiment" in counts["edited"]
                 else ""
             )
@@ -87,13 +88,19 @@ def run_markdown(result: dict[str, Any]) -> str:
 
 
 # Probe-count kinds in column order, with their column prefixes.
-COUNT_KINDS = {"sentiment": "Rel. target", "portability": "Port.", "locality": "Loc."}
+COUNT_KINDS = {
+    "sentiment": "Rel. target",
+    "verbatim": "Rel. verbatim",
+    "portability": "Port.",
+    "locality": "Loc.",
+}
 
 
 def count_table(rows: list[tuple[str, dict[str, Any] | None]], first: str = "") -> str:
     """One row per (label, `add_counts` total); a column per probe group in any row, each
     cell "counted / probes" (portability: chat answers right; locality: answers unchanged;
-    ConvSent's edit answers: read as the target sentiment, per target)."""
+    ConvSent's edit answers: read as the target sentiment, and containing the target response,
+    per target)."""
     present = {
         (kind, key): None
         for kind in COUNT_KINDS

@@ -129,14 +129,23 @@ def probe_counts(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) 
     """Chat answers per probe group, as [counted, probes]: portability answers that contain an
     accepted answer, locality answers left unchanged. The means above weigh every record alike
     and hide which kind of probe moved; these counts show it. ConvSent records add their edit
-    answers read as the target sentiment, grouped by that sentiment: the unedited model leans
-    to one side, so the two targets start far apart."""
+    answers read as the target sentiment, and those containing the whole target response, both
+    grouped by the target sentiment: the unedited model leans to one side, so the two targets
+    start far apart."""
     groups = {
         "portability": _portability_answers(record, post),
         "locality": _locality_answers(record, post, pre),
     }
     if record.sentiment is not None:
         groups["sentiment"] = {record.sentiment.target: _sentiment_answers(record, post)}
+        # The judge misses most negative targets (docs/eval.md): whether the answer repeats the
+        # target response word for word is read beside it.
+        groups["verbatim"] = {
+            record.sentiment.target: [
+                float(contains_answer(o["answer"], p.answers))
+                for p, o in zip(record.reliability, post["reliability"], strict=True)
+            ]
+        }
     return {
         kind: {key: [int(sum(values)), len(values)] for key, values in found.items()}
         for kind, found in groups.items()

@@ -36,10 +36,24 @@ def test_count_table_has_a_column_per_group_seen_in_any_row() -> None:
 def test_count_table_puts_convsent_targets_first() -> None:
     text = count_table(
         [
-            ("unedited", {"portability": {}, "locality": {}, "sentiment": {"negative": [3, 50]}}),
-            ("rome", {"portability": {}, "locality": {}, "sentiment": {"negative": [20, 50]}}),
+            (
+                "unedited",
+                {
+                    "locality": {},
+                    "verbatim": {"negative": [0, 50]},
+                    "sentiment": {"negative": [3, 50]},
+                },
+            ),
+            (
+                "rome",
+                {
+                    "locality": {},
+                    "verbatim": {"negative": [9, 50]},
+                    "sentiment": {"negative": [20, 50]},
+                },
+            ),
         ]
     )
     lines = text.splitlines()
-    assert lines[0] == "|  | Rel. target negative |"
-    assert lines[3] == "| rome | 20 / 50 |"
+    assert lines[0] == "|  | Rel. target negative | Rel. verbatim negative |"
+    assert lines[3] == "| rome | 20 / 50 | 9 / 50 |"

@@ -126,3 +126,7 @@ def test_convsent_success_is_the_sentiment_score_and_the_judged_chat_answer() ->
     counts = [probe_counts(record, post, pre), probe_counts(record, hostile, pre)]
     assert counts[0]["sentiment"] == {"positive": [1, 1]}
     assert add_counts(counts)["sentiment"] == {"positive": [1, 2]}
+    # Beside the judge: whether the answer repeats the whole target response.
+    assert counts[0]["verbatim"] == {"positive": [0, 1]}
+    verbatim = observed("Well, I love it. It is my favourite.", [-1.0], [-3.0])
+    assert probe_counts(record, verbatim, pre)["verbatim"] == {"positive": [1, 1]}
