@@ -139,7 +139,7 @@ def probe_counts(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) 
     if record.sentiment is not None:
         groups["sentiment"] = {record.sentiment.target: _sentiment_answers(record, post)}
         # The judge misses most negative targets (docs/eval.md): whether the answer repeats the
-        # target response word for word is read beside it.
+        # whole target response (normalised containment) is read beside it.
         groups["verbatim"] = {
             record.sentiment.target: [
                 float(contains_answer(o["answer"], p.answers))
