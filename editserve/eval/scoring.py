@@ -39,11 +39,17 @@ def _hits(obs: dict) -> list[bool]:
     return [t == a for t, a in zip(obs["tokens"], obs["top1"], strict=True)]
 
 
+def _contained(probes: tuple[Probe, ...], observed: list[dict]) -> list[float]:
+    """1.0 for each chat answer that contains an accepted answer of its probe."""
+    return [
+        float(contains_answer(o["answer"], p.answers))
+        for p, o in zip(probes, observed, strict=True)
+    ]
+
+
 def _success(probes: tuple[Probe, ...], observed: list[dict]) -> tuple[float | None, float | None]:
-    pairs = list(zip(probes, observed, strict=True))
-    tf = mean(token_accuracy(_hits(o)) for _, o in pairs)
-    gen = mean(float(contains_answer(o["answer"], p.answers)) for p, o in pairs)
-    return tf, gen
+    tf = mean(token_accuracy(_hits(o)) for o in observed)
+    return tf, mean(_contained(probes, observed))
 
 
 def _sentiment_answers(record: EvalRecord, post: dict[str, Any]) -> list[float]:
@@ -55,10 +61,7 @@ def _sentiment_answers(record: EvalRecord, post: dict[str, Any]) -> list[float]:
 def _portability_answers(record: EvalRecord, post: dict[str, Any]) -> dict[str, list[float]]:
     """Per portability group, 1.0 for each chat answer that contains an accepted answer."""
     return {
-        key: [
-            float(contains_answer(o["answer"], p.answers))
-            for p, o in zip(probes, post["portability"][key], strict=True)
-        ]
+        key: _contained(probes, post["portability"][key])
         for key, probes in record.portability.items()
     }
 
@@ -141,10 +144,7 @@ def probe_counts(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) 
         # The judge misses most negative targets (docs/eval.md): whether the answer repeats the
         # whole target response (normalised containment) is read beside it.
         groups["verbatim"] = {
-            record.sentiment.target: [
-                float(contains_answer(o["answer"], p.answers))
-                for p, o in zip(record.reliability, post["reliability"], strict=True)
-            ]
+            record.sentiment.target: _contained(record.reliability, post["reliability"])
         }
     return {
         kind: {key: [int(sum(values)), len(values)] for key, values in found.items()}
