@@ -27,6 +27,9 @@ class EditRequest:
     target_new: str
     target_true: str | None = None
     rephrase: tuple[str, ...] = ()
+    # An erase: `target_new` is the refusal to give instead of the fact. Weight edits train it
+    # like any target; prompt memory shows it as an earlier exchange (methods.ike.condition).
+    erase: bool = False
 
 
 @dataclass

@@ -13,11 +13,15 @@ The retrieved facts go into the conversation (`condition`): for IKE after demons
 three kinds of the paper (copy: the fact's own question; update: a paraphrase; retain: an
 unrelated question answered as before), written here as earlier chat turns, so a chat model sees
 how a new fact is used and when it is not. Wording and position were chosen by measuring
-generated chat answers of the embedded model on ZsRE dev records (docs/memory-edits.md).
+generated chat answers of the embedded model on ZsRE dev records (docs/memory-edits.md). An
+erased fact goes in as an earlier exchange instead, its fact line and question answered by the
+refusal: the model repeats a refusal it "gave" but answers anyway after the fact line alone
+(Sanitation, docs/memory-edits.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +89,7 @@ def compute_ike(
             "target": r.target_new,
             "threshold": h.threshold,
             "demonstrations": h.demonstrations,
+            "erase": r.erase,
         }
         for fact, r in zip(facts, requests, strict=True)
     ]
@@ -92,19 +97,33 @@ def compute_ike(
 
 
 def condition(
-    messages: list[dict[str, str]], facts: list[str], demonstrations: bool
+    messages: list[dict[str, str]],
+    facts: list[str],
+    demonstrations: bool,
+    refusals: Sequence[tuple[str, str]] = (),
 ) -> list[dict[str, str]]:
-    """The conversation with `facts` put before its last user message."""
-    if not facts:
+    """The conversation with `facts` put before its last user message, and each erased
+    (question, refusal) before it as an earlier exchange: the erasure's fact line and question,
+    answered by the refusal (IKE's copy demonstration, of the erasure itself). The embedded model
+    repeats that refusal; after the fact line alone, or an instruction to refuse, it answers the
+    question anyway (docs/memory-edits.md, "Erasing a fact")."""
+    if not facts and not refusals:
         return messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
     turns: list[dict[str, str]] = []
-    if demonstrations:
+    if facts and demonstrations:
         for question, answer, asked, shown in DEMONSTRATIONS:
             fact = fact_text(question, answer)
             turns.append({"role": "user", "content": _with_facts([fact], asked)})
             turns.append({"role": "assistant", "content": shown})
-    user = {**messages[last], "content": _with_facts(facts, messages[last]["content"])}
+    for question, refusal in refusals:
+        turns.append(
+            {"role": "user", "content": _with_facts([fact_text(question, refusal)], question)}
+        )
+        turns.append({"role": "assistant", "content": refusal})
+    user = messages[last]
+    if facts:
+        user = {**user, "content": _with_facts(facts, user["content"])}
     return [*messages[:last], *turns, user, *messages[last + 1 :]]
 
 

@@ -51,6 +51,7 @@ def compute_serac(
             "prompt": r.prompt,
             "target": r.target_new,
             "threshold": h.threshold,
+            "erase": r.erase,
         }
         for r in requests
     ]

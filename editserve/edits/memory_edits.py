@@ -219,13 +219,15 @@ class MemoryEdits:
     def apply(
         messages: list[dict[str, str]], used: list[dict[str, Any]], demonstrations: bool = True
     ) -> list[dict[str, str]]:
-        """The conversation conditioned on the retrieved entries' facts (with IKE's
-        demonstrations if an IKE entry asks for them and `demonstrations`)."""
+        """The conversation conditioned on the retrieved entries: their facts (with IKE's
+        demonstrations if an IKE entry asks for them and `demonstrations`) and their erasures."""
         if not used:
             return messages
-        facts = list(dict.fromkeys(u["fact"] for u in used))
+        # Entries journaled before erases were told apart lack "erase": they stay fact lines.
+        facts = list(dict.fromkeys(u["fact"] for u in used if not u.get("erase")))
+        refusals = list(dict.fromkeys((u["prompt"], u["target"]) for u in used if u.get("erase")))
         demos = demonstrations and any(u.get("demonstrations") for u in used)
-        return condition(messages, facts, demos)
+        return condition(messages, facts, demos, refusals)
 
     def render(
         self,

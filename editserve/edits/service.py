@@ -277,6 +277,7 @@ class EditService:
             target_new=target,
             target_true=raw.get("target_true"),
             rephrase=tuple(raw.get("rephrase") or ()),
+            erase=kind == "erase",
         )
 
     # -- create ------------------------------------------------------------------------------------

@@ -125,6 +125,34 @@ def test_a_prompt_memory_edit_conditions_only_related_chats(client: TestClient, 
     assert chat(client, EIFFEL["prompt"])[0::2] == (plain, "2")
 
 
+@pytest.mark.parametrize("method", ["ike", "ice", "serac"])
+def test_a_prompt_memory_erase_is_an_earlier_refusal_and_survives_a_restart(
+    tmp_path: Path, method
+) -> None:
+    """An erased question goes in as an earlier exchange the assistant refused, beside an
+    ordinary (ICE) edit's fact line; the journal keeps which entry is which."""
+    question = [{"role": "user", "content": EIFFEL["prompt"]}]
+    # _with_facts ends each fact line with a period, after the refusal's own (as measured)
+    fact_line = "New fact: In which city is the Eiffel Tower? Answer: I don't know.."
+    refused = [
+        {"role": "user", "content": f"{fact_line}\nUsing the new fact, answer: {EIFFEL['prompt']}"},
+        {"role": "assistant", "content": "I don't know."},
+    ]
+    with TestClient(build(tmp_path)) as first:
+        body = {"requests": [EIFFEL], "checks": False, "hparams": {"threshold": 0.5}}
+        r = first.post("/edits", json={"method": method, "kind": "erase", **body})
+        assert r.status_code == 200, r.text
+        erased, used = state(first).edits.memory.rewrite(question)
+        assert [u["edit_id"] for u in used] == [r.json()["id"]]
+        assert erased == [*refused, *question]  # no fact line, no demonstrations
+        assert post(first, "ice", "Paris", hparams={"threshold": 0.5}).status_code == 200
+        both, _ = state(first).edits.memory.rewrite(question)
+    assert both[-3:-1] == refused and both[-1]["content"].endswith(EIFFEL["prompt"])
+    assert "Paris" in both[-1]["content"] and "know" not in both[-1]["content"]
+    with TestClient(build(tmp_path)) as second:
+        assert state(second).edits.memory.rewrite(question)[0] == both
+
+
 def test_a_chat_answer_names_the_memory_edits_in_its_prompt(client: TestClient) -> None:
     ike = post(client, "ike", hparams={"threshold": 0.5}).json()["id"]
     serac = post(client, "serac", "Paris", hparams={"threshold": 0.5}).json()["id"]
