@@ -81,7 +81,11 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is not None:
+            # It died on its own: its log is the only account of why, and is deleted below.
+            code = self.proc.returncode
+            print(f"the server had exited ({code}):\n{self.tail()}", file=sys.stderr)
+        else:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
