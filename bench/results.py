@@ -216,15 +216,24 @@ def render(args: argparse.Namespace) -> str:
         counts = group_counts(args, name, n, [m for m, _ in found])
         if any(any(c.values()) for _, c in counts):
             sentiment = any(c.get("sentiment") for _, c in counts)
+            cases = any(c.get("cases") for _, c in counts)
             parts.append(
                 "Chat answers per probe group, counted / probes: portability answers that "
                 "contain an accepted answer, locality answers left word for word unchanged"
                 + (
                     ", edit answers that VADER reads as the target sentiment (Rel. target) and "
-                    "that contain the whole target response (Rel. verbatim), per target.\n"
+                    "that contain the whole target response (Rel. verbatim), per target"
                     if sentiment
-                    else ".\n"
+                    else ""
                 )
+                + (
+                    "; and, counted / records, each record of chained edits read whole as "
+                    "MQuAKE reads it: every edit's answer came back (all edits recalled), and "
+                    "any of its multi-hop questions answered right (Multi_Hop any)"
+                    if cases
+                    else ""
+                )
+                + ".\n"
             )
             parts.append(report.count_table(counts, "method") + "\n")
         if any(r.get("preexisting_edits") for _, r in found):

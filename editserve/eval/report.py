@@ -72,9 +72,14 @@ def run_markdown(result: dict[str, Any]) -> str:
                 if "sentiment" in counts["edited"]
                 else ""
             )
+            cases = (
+                "; Cases: records of chained edits counted whole, per record"
+                if "cases" in counts["edited"]
+                else ""
+            )
             parts.append(
                 "Chat answers per probe group, counted / probes (portability: right; "
-                f"locality: unchanged{sentiment}):\n\n"
+                f"locality: unchanged{sentiment}{cases}):\n\n"
                 + count_table(
                     [("unedited", counts["unedited"]), (result["method"], counts["edited"])]
                 )
@@ -93,6 +98,7 @@ COUNT_KINDS = {
     "verbatim": "Rel. verbatim",
     "portability": "Port.",
     "locality": "Loc.",
+    "cases": "Cases:",
 }
 
 
@@ -100,7 +106,7 @@ def count_table(rows: list[tuple[str, dict[str, Any] | None]], first: str = "") 
     """One row per (label, `add_counts` total); a column per probe group in any row, each
     cell "counted / probes" (portability: chat answers right; locality: answers unchanged;
     ConvSent's edit answers: read as the target sentiment, and containing the target response,
-    per target)."""
+    per target; cases: records that chain several edits, counted whole)."""
     present = {
         (kind, key): None
         for kind in COUNT_KINDS

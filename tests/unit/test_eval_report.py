@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from editserve.eval.report import count_table, table
+from editserve.eval.report import count_table, run_markdown, table
 
 
 def test_table_keeps_measured_columns_and_marks_gaps() -> None:
@@ -57,3 +57,25 @@ def test_count_table_puts_convsent_targets_first() -> None:
     lines = text.splitlines()
     assert lines[0] == "|  | Rel. target negative | Rel. verbatim negative |"
     assert lines[3] == "| rome | 20 / 50 | 9 / 50 |"
+
+
+def test_run_markdown_reads_chained_edit_records_whole() -> None:
+    counts = {"portability": {"Multi_Hop": [1, 6]}, "locality": {}}
+    result = {
+        "method": "rome",
+        "format": "mquake",
+        "data": "MQuAKE-hard.dev.json",
+        "model": "tiny",
+        "edits_applied": 2,
+        "n": 2,
+        "sequential": False,
+        "unedited": {"reliability_gen": 0.0},
+        "edited": {"reliability_gen": 75.0},
+        "probe_counts": {
+            "unedited": {**counts, "cases": {"all edits recalled": [0, 2]}},
+            "edited": {**counts, "cases": {"all edits recalled": [1, 2]}},
+        },
+    }
+    text = run_markdown(result)
+    assert "Cases: records of chained edits counted whole" in text
+    assert "| rome | 1 / 6 | 1 / 2 |" in text

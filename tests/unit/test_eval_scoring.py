@@ -130,3 +130,38 @@ def test_convsent_success_is_the_sentiment_score_and_the_judged_chat_answer() ->
     assert counts[0]["verbatim"] == {"positive": [0, 1]}
     verbatim = observed("Well, I love it. It is my favourite.", [-1.0], [-3.0])
     assert probe_counts(record, verbatim, pre)["verbatim"] == {"positive": [1, 1]}
+
+
+def test_a_record_of_chained_edits_is_also_counted_as_one_case() -> None:
+    # MQuAKE: two edits make one chain; its multi-hop questions are paraphrases of each other,
+    # and a case is right when any of them is (and its edits, when every one came back).
+    record = EvalRecord(
+        index=0,
+        requests=({"prompt": "a"}, {"prompt": "b"}),
+        reliability=(Probe("Who leads X?", ("Ann",)), Probe("Where was Ann born?", ("Oslo",))),
+        portability={
+            "Multi_Hop": (
+                Probe("Where was X's leader born?", ("Oslo", "Christiania")),
+                Probe("X's leader's birthplace?", ("Oslo", "Christiania")),
+            )
+        },
+    )
+
+    def observed(edits: list[str], hops: list[str]) -> dict:
+        return {
+            "reliability": [obs("q", ["x"], ["x"], a) for a in edits],
+            "portability": {"Multi_Hop": [obs("q", ["x"], ["x"], a) for a in hops]},
+            "locality": {},
+        }
+
+    post = observed(["Ann does.", "In Oslo."], ["Bergen.", "It was Christiania."])
+    assert probe_counts(record, post, post)["cases"] == {
+        "all edits recalled": [1, 1],
+        "Multi_Hop any": [1, 1],
+    }
+    half = observed(["Ann does.", "In Paris."], ["Bergen.", "Bergen."])
+    assert add_counts([probe_counts(record, post, post), probe_counts(record, half, half)])[
+        "cases"
+    ] == {"all edits recalled": [1, 2], "Multi_Hop any": [1, 2]}
+    # A single-edit record has no case-level reading: its counts are the probes'.
+    assert "cases" not in probe_counts(RECORD, POST, PRE)
