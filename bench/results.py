@@ -173,6 +173,11 @@ def checkpoint_rows(method: str, checkpoints: list[dict[str, Any]]) -> list[tupl
     return rows
 
 
+def file_size(args: argparse.Namespace, name: str) -> int:
+    """Records in a dataset file: a run of all of a short file (Sanitation has 64) is no slice."""
+    return len(datasets.load(SHARED / DATASETS[name], None, args.seed, args.max_probes)[1])
+
+
 def render(args: argparse.Namespace) -> str:
     saved = args.work / "command.txt"
     runs = dict.fromkeys(saved.read_text().splitlines()) if saved.is_file() else {}
@@ -270,7 +275,7 @@ def render(args: argparse.Namespace) -> str:
         f"{name} n={r['n']}"
         for name in DATASETS
         for m in METHODS.split(",")
-        if (r := results(args.work / name / m)) and r["n"] < 100
+        if (r := results(args.work / name / m)) and r["n"] < 100 and r["n"] < file_size(args, name)
     ]
     small += [f"{m} sequential to {r['n']}" for m, r in seq if r["n"] < 1000]
     if small:
