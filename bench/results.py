@@ -271,12 +271,13 @@ def render(args: argparse.Namespace) -> str:
     not_run = [f"datasets with no run: {', '.join(missing)}"] if missing else []
     if absent:
         not_run.append(f"sequential curves not run: {', '.join(absent)}")
-    small = [
-        f"{name} n={r['n']}"
-        for name in DATASETS
-        for m in METHODS.split(",")
-        if (r := results(args.work / name / m)) and r["n"] < 100 and r["n"] < file_size(args, name)
-    ]
+    small = []
+    for name in DATASETS:
+        found = (results(args.work / name / m) for m in METHODS.split(","))
+        short = [r for r in found if r and r["n"] < 100]
+        if short:  # the file is read only here, once, for a dataset with a short run
+            size = file_size(args, name)
+            small += [f"{name} n={r['n']}" for r in short if r["n"] < size]
     small += [f"{m} sequential to {r['n']}" for m, r in seq if r["n"] < 1000]
     if small:
         not_run.append(

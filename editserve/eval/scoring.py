@@ -128,13 +128,16 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _case_answers(record: EvalRecord, post: dict[str, Any]) -> dict[str, list[float]]:
+def _case_answers(
+    record: EvalRecord, post: dict[str, Any], portability: dict[str, list[float]]
+) -> dict[str, list[float]]:
     """A record that chains several edits (MQuAKE) counted as one case, as MQuAKE reads it:
-    whether every edit's answer came back, and per portability group whether any of its
-    questions was answered right (the multi-hop questions are paraphrases of one chain)."""
+    whether every edit's answer came back, and per portability group (`portability`, its
+    `_portability_answers`) whether any of its questions was answered right (the multi-hop
+    questions are paraphrases of one chain)."""
     recalled = _contained(record.reliability, post["reliability"])
     out = {"all edits recalled": [float(all(recalled))]}
-    for key, hits in _portability_answers(record, post).items():
+    for key, hits in portability.items():
         out[f"{key} any"] = [float(any(hits))]
     return out
 
@@ -147,12 +150,10 @@ def probe_counts(record: EvalRecord, post: dict[str, Any], pre: dict[str, Any]) 
     grouped by the target sentiment: the unedited model leans to one side, so the two targets
     start far apart. Records that chain several edits add their case-level reading
     (`_case_answers`), one count per record."""
-    groups = {
-        "portability": _portability_answers(record, post),
-        "locality": _locality_answers(record, post, pre),
-    }
+    portability = _portability_answers(record, post)
+    groups = {"portability": portability, "locality": _locality_answers(record, post, pre)}
     if len(record.requests) > 1:
-        groups["cases"] = _case_answers(record, post)
+        groups["cases"] = _case_answers(record, post, portability)
     if record.sentiment is not None:
         groups["sentiment"] = {record.sentiment.target: _sentiment_answers(record, post)}
         # The judge misses most negative targets (docs/eval.md): whether the answer repeats the
