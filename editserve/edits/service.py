@@ -25,11 +25,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from editserve.answers import contains_answer
 from editserve.architectures import resolve
-from editserve.edits.journal import CorruptPayload, Journal, fingerprint
+from editserve.edits.journal import STAGED_MARKER, CorruptPayload, Journal, fingerprint
 from editserve.edits.ledger import DeltaRejected, WeightLedger
 from editserve.edits.memory_edits import MemoryEdits, describe
 from editserve.edits.methods import METHODS, MethodSpec
+from editserve.edits.rebase import RebaseOutcome
+from editserve.edits.rebase import rebase as rebase_later
+from editserve.edits.statistics import METHODS as STATS_USERS
+from editserve.edits.statistics import Statistics, default_layers
 from editserve.engine.request import OutputStream
 from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
@@ -107,11 +112,29 @@ class EditService:
     ) -> None:
         self.engine = engine
         self.journal = journal
+        # Every method's defaults resolve for this model, or the start fails (MissingDefaults):
+        # a copy installed without methods/configs would otherwise edit with untuned values.
+        config = engine.model.config
+        for spec in METHODS.values():
+            spec.load_hparams(config.model_type, config.num_hidden_layers, {})
         self.ledger = WeightLedger(engine.model)
         self.tokenizer = engine.tokenizer
         self._lock = asyncio.Lock()
-        self.stats_cache, self.stats_source = stats_cache, stats_source or StatsSource()
-        self._moments: dict[int, torch.Tensor] = {}  # loaded statistics, per layer
+        base_fingerprint = fingerprint(engine.model)
+        # MEMIT's and AlphaEdit's statistics, on pristine weights (editserve.edits.statistics)
+        self.statistics = (
+            Statistics(
+                engine.model,
+                self.tokenizer,
+                self.ledger,
+                stats_cache,
+                stats_source or StatsSource(),
+                engine.device,
+                base_fingerprint,
+            )
+            if stats_cache is not None
+            else None
+        )
         workbench = make_workbench(engine.model)
         self.context = EditContext(
             model=workbench,
@@ -119,8 +142,9 @@ class EditService:
             arch=resolve(workbench),
             chat_prompt=self.chat_prompt,
             device=engine.device,
-            model_fingerprint=fingerprint(engine.model),
-            second_moments=self.second_moments if stats_cache is not None else None,
+            model_fingerprint=base_fingerprint,
+            second_moments=self.second_moments if self.statistics is not None else None,
+            moment_eigh=self.statistics.eigh if self.statistics is not None else None,
             edited_keys=self.ledger.edited_keys,
         )
         self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder, scope)
@@ -128,14 +152,15 @@ class EditService:
         self.unreplayed: dict[str, str] = {}
 
     def second_moments(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """E[kkᵀ] per layer from the cache on disk, computed there on first use (on the model as
-        it is then: precompute with `editserve stats` to keep edits out of them)."""
-        missing = [layer for layer in layers if layer not in self._moments]
-        if missing:
-            assert self.stats_cache is not None
-            found = self.stats_cache.get(self.context, self.stats_source, missing)
-            self._moments.update({k: v.to(self.engine.device) for k, v in found.items()})
-        return {layer: self._moments[layer] for layer in layers}
+        """E[kkᵀ] per layer of the base model: loaded, or computed on its pristine weights."""
+        assert self.statistics is not None
+        return self.statistics.get(layers)
+
+    def start_statistics(self) -> None:
+        """Computes MEMIT's and AlphaEdit's default layers in the background (start-up)."""
+        if self.statistics is not None:
+            config = self.engine.model.config
+            self.statistics.start(default_layers(config.model_type, config.num_hidden_layers))
 
     def chat_prompt(self, question: str) -> list[int]:
         return self._render(_user(question))
@@ -171,8 +196,12 @@ class EditService:
                 "edit %s was never committed (the server stopped mid-edit): dropped", row.id
             )
             self.journal.mark_failed(row.id)
-        for name in self.journal.sweep():
+        swept = self.journal.sweep()
+        for name in swept:
             log.warning("removed %s: a payload no journal row names (left by a crash)", name)
+        if any(STAGED_MARKER in name for name in swept):
+            # A rebase cut short served versions whose weights this start does not rebuild.
+            self.journal.bump_version()
         replayed = 0
         for row in self.journal.list(("applied",)):
             spec = METHODS.get(row.method)
@@ -292,8 +321,11 @@ class EditService:
         checks: bool = True,
     ) -> dict:
         edit, spec, resolved = self.validate(method, kind, requests, hparams)
+        # Statistics still computing at start-up: waited for here, not holding the edit lock.
+        stats = self.statistics if method in STATS_USERS else None
+        stats_wait = await stats.wait() if stats is not None else 0.0
         async with self._lock:
-            timings: dict[str, float] = {}
+            timings: dict[str, float] = {"stats_wait_s": stats_wait} if stats_wait else {}
             started = time.monotonic()
             questions = [q for r in edit.requests for q in (r.prompt, *r.rephrase)]
             probes = [*DEFAULT_PROBES, *edit.probes]
@@ -478,52 +510,34 @@ class EditService:
 
             t = time.monotonic()
             with self._storage("the undo could not be saved"):
-                version = await asyncio.wrap_future(self._run_on_engine(row.method, revert))
+                await asyncio.wrap_future(self._run_on_engine(row.method, revert))
             undo_s = time.monotonic() - t
-            rebased = await self._rebase(later_params) if rebase and later_params else []
+            outcome = RebaseOutcome([])
+            if rebase and later_params:
+                outcome = await rebase_later(
+                    edit_id, later_params, self.ledger, self.engine, self.journal, self._recompute
+                )
         return {
             "id": edit_id,
             "object": "edit.deleted",
             "deleted": True,
-            "model_version": self.engine.model_version if rebased else version,
+            "model_version": self.engine.model_version,
             "later_edits": later,
-            "rebased": rebased,
+            "rebased": outcome.rebased,
+            # A failed rebase: the undo held, the later edits kept their deltas (edits.rebase).
+            **({"rebase_error": outcome.error} if outcome.error else {}),
             "timings": {"undo_s": undo_s},
         }
 
-    async def _rebase(self, later: list[str]) -> list[str]:
-        """Recomputes `later` edits, in order, on the model without the undone one.
-
-        They are reverted first, then each is recomputed and re-applied in turn, so while this
-        runs the server answers without the not-yet-rebased ones (each step is a new version).
-        """
-
-        def revert_all() -> None:
-            for edit_id in reversed(later):
-                self.ledger.revert(edit_id)
-
-        await asyncio.wrap_future(self.engine.run_exclusive(revert_all))
-        for edit_id in later:
-            row = self.journal.get(edit_id)
-            edit = EditSpec.from_json(row.spec)
-            spec = METHODS[edit.method]
-            config = self.engine.model.config
-            resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
-            delta = await in_worker(
-                self._compute, spec, self._context_now(), edit.requests, resolved
-            )
-            assert isinstance(delta, ParamDelta)  # only weight edits are rebased
-            await in_worker(self._replace_payload, edit_id, delta)
-
-            def reapply(edit_id: str = edit_id, delta: ParamDelta = delta) -> None:
-                self.ledger.apply(edit_id, delta)
-                self.engine.model_version = self.journal.bump_version()
-
-            await asyncio.wrap_future(self.engine.run_exclusive(reapply))
-        return later
-
-    def _replace_payload(self, edit_id: str, delta: ParamDelta) -> None:
-        self.journal.replace_payload(edit_id, delta.to_tensors())
+    async def _recompute(self, edit_id: str) -> ParamDelta:
+        """A weight edit's delta computed again from its journaled request, on the model now."""
+        edit = EditSpec.from_json(self.journal.get(edit_id).spec)
+        spec = METHODS[edit.method]
+        config = self.engine.model.config
+        resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
+        delta = await in_worker(self._compute, spec, self._context_now(), edit.requests, resolved)
+        assert isinstance(delta, ParamDelta)  # only weight edits are rebased
+        return delta
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -618,7 +632,8 @@ def _checks(
                 "target_new": targets[q],
                 "before": text[i],
                 "after": new[i],
-                "success": targets[q].lower() in new[i].lower(),
+                # as the evaluation scores it: whole words, normalised ("Romeo" is no "Rome")
+                "success": contains_answer(new[i], [targets[q]]),
             }
             for i, q in enumerate(questions)
         ],

@@ -12,31 +12,28 @@ from __future__ import annotations
 
 import math
 import re
-import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cache
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+# One definition of a generated answer's success, shared with the server's edit checks;
+# scoring and the benchmarks import it from here.
+from editserve.answers import contains_answer, normalize  # noqa: F401
+
+BARE_WORDS = 3  # an answer of at most this many words (normalised) states nothing but the answer
 
 
-def normalize(text: str) -> str:
-    """SQuAD-style: lower case, punctuation to spaces, no articles, single spaces."""
-    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
-    return " ".join(text.split())
-
-
-def contains_answer(answer: str, accepted: Iterable[str]) -> bool:
-    """Whether the generated answer contains any accepted answer as whole words (normalised).
-
-    KnowEdit's LLM-judge fallback is exact match on the first sentence; a chat model answers in
-    sentences ("The capital of France is Paris."), so containment is what a reader would accept.
-    """
-    padded = f" {normalize(answer)} "
-    return any(f" {n} " in padded for n in (normalize(a) for a in accepted) if n)
+def bare_answer(answer: str, accepted: Iterable[str]) -> bool:
+    """Whether a chat answer that contains an accepted answer is only that answer: at most
+    BARE_WORDS words after normalisation, or no more words than the (longer) answer it holds.
+    GRACE's "Noctuidae" is; "Epaspidoceras belongs to the family Noctuidae." is not."""
+    words = len(normalize(answer).split())
+    held = [
+        len(n.split()) for a in accepted if (n := normalize(a)) and contains_answer(answer, [a])
+    ]
+    return bool(held) and words <= max(BARE_WORDS, *held)
 
 
 def token_accuracy(hits: Sequence[bool]) -> float:
