@@ -1,4 +1,7 @@
-"""Hyperparameters per method and model: `configs/methods/<method>/*.yaml`, then overrides.
+"""Hyperparameters per method and model: `methods/configs/<method>/*.yaml`, then overrides.
+
+The files are package data (read through importlib.resources), so an installed copy resolves
+the same tuned values as a checkout.
 
 Every file but `default.yaml` says which models it is for:
 
@@ -14,39 +17,76 @@ early-middle MLP, layer 5 of 32 for 7B Llama; 17 of 48 in GPT-2 XL was chosen by
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any, TypeVar
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "methods"
+log = logging.getLogger(__name__)
+
+# Read at call time, so a test can point it elsewhere.
+CONFIG_ROOT: Traversable = resources.files("methods") / "configs"
 
 T = TypeVar("T")
 
+_warned: set[tuple[str, str, int]] = set()  # (method, model type, layers) told about once
 
-def _read(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text()) or {}
+
+class MissingDefaults(RuntimeError):
+    """No defaults file applies to a method on a model: the configs are not installed (or the
+    method has none). Serving on a dataclass's built-in values instead would be silent and wrong."""
+
+
+def _read(path: Traversable) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict) or not isinstance(data.get("hparams", {}), dict):
         raise ValueError(f"{path} must hold a mapping with an `hparams` mapping")
     return data
 
 
 def defaults_for(method: str, model_type: str, num_layers: int) -> dict[str, Any]:
-    """The merged defaults of `default.yaml` and the file matching this model, if any."""
-    folder = CONFIG_DIR / method
-    merged: dict[str, Any] = {}
-    default = folder / "default.yaml"
-    if default.is_file():
-        merged.update(_read(default).get("hparams", {}))
-    for path in sorted(folder.glob("*.yaml")):
+    """The merged defaults of `default.yaml` and the file matching this model, if any.
+
+    Raises MissingDefaults when neither exists."""
+    folder = CONFIG_ROOT / method
+    files = (
+        sorted((p for p in folder.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name)
+        if folder.is_dir()
+        else []
+    )
+    default = [p for p in files if p.name == "default.yaml"]
+    matching = []
+    for path in files:
         if path.name == "default.yaml":
             continue
         data = _read(path)
         match = data.get("match") or {}
         if model_type in match.get("model_types", []) and match.get("num_layers") == num_layers:
-            merged.update(data.get("hparams", {}))
+            matching = [(path, data)]
             break
+    if not default and not matching:
+        raise MissingDefaults(
+            f"no {method} hyperparameter defaults for model family {model_type!r} "
+            f"({num_layers} layers): no default.yaml and no matching file in {folder} "
+            "(is editserve installed with its package data, methods/configs?)"
+        )
+    if not matching and (method, model_type, num_layers) not in _warned:
+        _warned.add((method, model_type, num_layers))
+        log.warning(
+            "%s: no tuned defaults for %s with %d layers in %s; its default.yaml applies",
+            method,
+            model_type,
+            num_layers,
+            folder,
+        )
+    merged: dict[str, Any] = {}
+    if default:
+        merged.update(_read(default[0]).get("hparams", {}))
+    for _, data in matching:
+        merged.update(data.get("hparams", {}))
     return merged
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 from editserve.architectures import resolve
+from methods import hparams
 from methods.base import EditContext
 from methods.common import (
     CONTEXT_PREFIXES,
@@ -172,6 +174,15 @@ class _Params:
     flag: bool = False
 
 
+@pytest.fixture
+def _bare_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config folder whose only method, no-such-method, has an empty default.yaml."""
+    (tmp_path / "no-such-method").mkdir()
+    (tmp_path / "no-such-method" / "default.yaml").write_text("hparams: {}\n")
+    monkeypatch.setattr(hparams, "CONFIG_ROOT", tmp_path)
+
+
+@pytest.mark.usefixtures("_bare_method")
 def test_hparams_defaults_fall_back_to_a_sixth_of_the_depth() -> None:
     got = load_hparams(_Params, "no-such-method", "t5", 24, {"lr": 1})
     assert got == _Params(layer=4, lr=1.0)
@@ -189,6 +200,7 @@ def test_hparams_defaults_fall_back_to_a_sixth_of_the_depth() -> None:
         ([("steps", 3)], "must be a mapping"),
     ],
 )
+@pytest.mark.usefixtures("_bare_method")
 def test_hparams_overrides_are_checked(overrides: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_hparams(_Params, "no-such-method", "llama", 12, overrides)  # type: ignore[arg-type]
