@@ -12,6 +12,7 @@ from pathlib import Path
 
 from editserve.eval.measure import MeasureSettings
 from editserve.eval.runner import CHECKPOINTS, ResumeError, RunConfig, evaluate
+from editserve.eval.splits import REPORT_RECORDS, SPLITS, SplitError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", required=True, type=Path, help="a KnowEdit/CounterFact/ZsRE/MQuAKE file"
     )
-    p.add_argument("--n", type=int, help="the first N records (default: all)")
+    p.add_argument("--n", type=int, help="the first N records of the split (default: all)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="report",
+        help=f"report: the first {REPORT_RECORDS} records of an evaluation file (what "
+        f"docs/results.md reports; tune nothing on them); tune: its records from "
+        f"{REPORT_RECORDS} on, or all of a training file (train_cf.json, "
+        "trivia_qa_train.json, ...); all: every record (the 1,000-edit sequential curve)",
+    )
     p.add_argument(
         "--sequential", action="store_true", help="keep every edit (scored at 1, 10, 100, 1000)"
     )
@@ -36,7 +46,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", type=Path, help="unedited observations to share between methods")
     p.add_argument("--hparams", type=json.loads, help="JSON object of hyperparameter overrides")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--answer-tokens", type=int, default=24)
+    p.add_argument(
+        "--answer-tokens", type=int, default=24, help="judged chat answers: at least this long"
+    )
+    p.add_argument(
+        "--answer-margin",
+        type=int,
+        default=8,
+        help="judged chat answers get max(--answer-tokens, target tokens + this); "
+        "-1: always --answer-tokens (as runs before sized answers)",
+    )
     p.add_argument("--locality-tokens", type=int, default=16)
     p.add_argument("--fluency-tokens", type=int, default=100, help="0: skip fluency")
     p.add_argument("--max-probes", type=int, help="cap on prompts per portability/locality group")
@@ -63,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         out=out,
         n=args.n,
+        split=args.split,
         sequential=args.sequential,
         hparams=args.hparams,
         settings=MeasureSettings(
             answer_tokens=args.answer_tokens,
+            answer_margin=None if args.answer_margin < 0 else args.answer_margin,
             locality_tokens=args.locality_tokens,
             fluency_tokens=args.fluency_tokens,
             seed=args.seed,
@@ -83,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(evaluate(cfg))
-    except ResumeError as exc:
+    except (ResumeError, SplitError) as exc:
         print(f"editserve eval: {exc}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text())

@@ -197,10 +197,11 @@ def guess_subject(question: str) -> str:
 
 
 def _sanitation(data: dict, limit: int | None, seed: int) -> list[EvalRecord]:
-    keep = data["locality"]
+    # The train file names its lists K_F (to forget) and K_R (to retain), with a subject.
+    keep = data["locality"] if "locality" in data else data["K_R"]
     per = limit or 2
     out = []
-    for i, r in enumerate(data["success"]):
+    for i, r in enumerate(data["success"] if "success" in data else data["K_F"]):
         # Each edit is checked on `per` of the questions it must keep, rotating through them.
         loc = tuple(
             Probe(
@@ -217,7 +218,9 @@ def _sanitation(data: dict, limit: int | None, seed: int) -> list[EvalRecord]:
                 requests=(
                     _request(
                         r["question"],
-                        guess_subject(r["question"]),
+                        r["subject"]
+                        if r.get("subject") and r["subject"] in r["question"]
+                        else guess_subject(r["question"]),
                         target,
                         truth[0] if truth else None,
                     ),
@@ -346,17 +349,26 @@ def detect(first: dict) -> tuple[str, Converter]:
 
 
 def load(
-    path: str | Path, n: int | None = None, seed: int = 0, max_probes: int | None = None
+    path: str | Path,
+    n: int | None = None,
+    seed: int = 0,
+    max_probes: int | None = None,
+    start: int = 0,
 ) -> tuple[str, list[EvalRecord]]:
-    """(format name, the first n records). max_probes caps each portability/locality group."""
+    """(format name, n records from file position `start`; all the rest with n None). A record's
+    index is its position in the file. max_probes caps each portability/locality group."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
     data = json.loads(path.read_text())
-    if isinstance(data, dict) and {"success", "locality"} <= data.keys():
-        return "sanitation", _sanitation(data, max_probes, seed)[:n]
+    stop = None if n is None else start + n
+    if isinstance(data, dict) and (
+        {"success", "locality"} <= data.keys() or {"K_F", "K_R"} <= data.keys()
+    ):
+        return "sanitation", _sanitation(data, max_probes, seed)[start:stop]
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON list of records")
     name, convert = detect(data[0])
     rng = random.Random(seed)  # one stream per file, so record i draws the same on every run
-    return name, [convert(i, r, max_probes, rng) for i, r in enumerate(data[:n])]
+    # Records before `start` are converted too: ConvSent's draws depend on them.
+    return name, [convert(i, r, max_probes, rng) for i, r in enumerate(data[:stop])][start:]

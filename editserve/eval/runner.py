@@ -29,11 +29,12 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from editserve.eval import datasets, report
+from editserve.eval import report
 from editserve.eval.client import EditRefused, EvalClient
 from editserve.eval.datasets import EvalRecord
 from editserve.eval.measure import MeasureSettings, measure
 from editserve.eval.scoring import add_counts, probe_counts, score, summarise
+from editserve.eval.splits import describe, load_split
 from editserve.eval.store import JsonLines, write_json
 
 log = logging.getLogger("editserve.eval")
@@ -55,6 +56,7 @@ class RunConfig:
     data: Path
     out: Path
     n: int | None = None
+    split: str = "report"  # report | tune | all (editserve.eval.splits)
     sequential: bool = False
     hparams: dict[str, Any] | None = None
     settings: MeasureSettings = field(default_factory=MeasureSettings)
@@ -73,8 +75,8 @@ class RunConfig:
 class Run:
     def __init__(self, cfg: RunConfig, client: EvalClient) -> None:
         self.cfg, self.client = cfg, client
-        self.format, self.records = datasets.load(
-            cfg.data, cfg.n, cfg.settings.seed, cfg.max_probes
+        self.format, self.records = load_split(
+            cfg.data, cfg.split, cfg.n, cfg.settings.seed, cfg.max_probes
         )
         self.baseline_log = JsonLines(cfg.baseline or cfg.out / "baseline.jsonl")
         self.baseline: dict[int, dict] = {}
@@ -86,6 +88,8 @@ class Run:
             "data": str(Path(c.data).resolve()),
             "format": self.format,
             "n": len(self.records),
+            "split": c.split,
+            "records": describe(c.data, c.split, [r.index for r in self.records]),
             "sequential": c.sequential,
             "hparams": c.hparams,
             "settings": c.settings.as_dict(),
@@ -106,10 +110,11 @@ class Run:
         ident = self.identity()
         if path.is_file():
             saved = json.loads(path.read_text())
+            _legacy_split(saved["identity"], ident, self.records)
             differ = [k for k in ident if saved["identity"].get(k) != ident[k]]
-            if differ == ["n"] and not self.cfg.sequential:
+            if set(differ) <= {"n", "records"} and differ and not self.cfg.sequential:
                 # Records are a file's first N: an independent run grows or shrinks freely.
-                saved["identity"]["n"] = ident["n"]
+                saved["identity"].update(n=ident["n"], records=ident["records"])
                 write_json(path, saved)
                 return saved
             if differ:
@@ -138,9 +143,9 @@ class Run:
         # Observations are per record index, so runs over more or fewer of a file's records
         # (an independent 100, a sequential 1,000) share them; older files name an n: ignored.
         def comparable(ident: dict[str, Any]) -> dict[str, Any]:
-            return {
-                k: v for k, v in ident.items() if k not in ("method", "sequential", "hparams", "n")
-            }
+            # The split only chooses which indices: observations of an index are the same.
+            skip = ("method", "sequential", "hparams", "n", "split", "records")
+            return {k: v for k, v in ident.items() if k not in skip}
 
         meta = comparable(self.identity())
         rows = self.baseline_log.read()
@@ -358,6 +363,14 @@ class Run:
             "unedited": summarise([r["pre"] for r in rows]),
             "rows": rows,
         }
+
+
+def _legacy_split(saved: dict[str, Any], ident: dict[str, Any], records: list[EvalRecord]) -> None:
+    """A run.json written before splits read a file's first n records: it is the same run as a
+    report or all split that starts at record 0."""
+    if "split" in saved or ident["split"] == "tune" or (records and records[0].index != 0):
+        return
+    saved["split"], saved["records"] = ident["split"], ident["records"]
 
 
 def _same_requests(edit: dict[str, Any], sent: tuple[dict[str, Any], ...]) -> bool:

@@ -22,6 +22,7 @@ class FakeServer:
         self.fail_on_delete = False
         self.chats = 0  # chat completions served
         self.fail_on_chat: int | None = None  # the Nth chat completion raises
+        self.chat_max_tokens: dict[str, int] = {}  # question -> the max_tokens it was asked with
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class FakeServer:
             if self.fail_on_chat == self.chats:
                 raise httpx.ConnectError("the server went away")
             question = body["messages"][-1]["content"]
+            self.chat_max_tokens[question] = body.get("max_tokens", 16)
             text = f"The answer is {self.answer(question)}."
             return httpx.Response(
                 200, json={"choices": [{"message": {"content": text}}]}, headers=headers

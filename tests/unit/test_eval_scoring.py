@@ -72,11 +72,13 @@ def test_probe_counts_per_group_and_their_sum() -> None:
     assert counts == {
         "portability": {"Reasoning": [1, 1]},
         "locality": {"Relation_Specificity": [0, 1], "Other": [2, 2]},
+        "leak": {"Relation_Specificity": [1, 1], "Other": [0, 2]},  # "Lyon." names the target
     }
     total = add_counts([counts, probe_counts(RECORD, PRE, PRE)])
     assert total == {
         "portability": {"Reasoning": [1, 2]},  # the unedited model answered "The Seine."
         "locality": {"Relation_Specificity": [1, 2], "Other": [4, 4]},
+        "leak": {"Relation_Specificity": [1, 2], "Other": [0, 4]},
     }
 
 
