@@ -20,7 +20,7 @@ Per request:
 
 The radius decides scope. Keys are taken at the same template token for every question, so they
 differ only by what attention brought from the question; see docs/memory-edits.md for the
-distances measured on ZsRE dev records and the calibrated ε₀ in configs/methods/grace.
+distances measured on ZsRE dev records and the calibrated ε₀ in methods/configs/grace.
 """
 
 from __future__ import annotations

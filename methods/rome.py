@@ -90,7 +90,7 @@ def _check(h: RomeHyperParams, num_layers: int) -> None:
 def load_rome_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> RomeHyperParams:
-    """Defaults for this model family and depth (configs/methods/rome/*.yaml), then overrides.
+    """Defaults for this model family and depth (methods/configs/rome/*.yaml), then overrides.
 
     Raises ValueError naming any unknown key, wrongly typed value or value out of range.
     """
