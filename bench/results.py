@@ -8,6 +8,11 @@ It starts its own servers (fresh journals kept under --work), runs each evaluati
 folder there, and renders the Markdown from whatever those folders hold. Interrupted, it resumes:
 rerun the same command (finished runs are read back, unfinished ones continue, and a sequential
 run's server restarts on its own journal, so its edits are back). `--render-only` only renders.
+
+The grid reads each file's reporting split (its first 100 records: editserve.eval.splits); the
+sequential curves need 1,000 records, so they read `--split all` and say so. Every figure is
+scored again from the stored observations when rendering, so new readings (the target leak,
+bare answers) appear for runs made before them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from harness import ServerProcess, machine_info
 
 from editserve.eval import datasets, report
 from editserve.eval.measure import MeasureSettings
+from editserve.eval.report import MEMORY_METHODS
 from editserve.eval.runner import CHECKPOINTS, RunConfig, evaluate
 from editserve.eval.scoring import add_counts, probe_counts, score, summarise
 from editserve.eval.store import JsonLines
@@ -53,6 +59,8 @@ def settings(args: argparse.Namespace) -> MeasureSettings:
 
 def run_config(args: argparse.Namespace, url: str, method: str, name: str, **kw: Any) -> RunConfig:
     folder = args.work / ("sequential" if kw.get("sequential") else name) / method
+    # The grid reports the first 100 records; 1,000 sequential edits cannot stay inside them.
+    kw.setdefault("split", "all" if kw.get("sequential") else "report")
     return RunConfig(
         server=url,
         method=method,
@@ -126,6 +134,53 @@ def observed(path: Path) -> dict[int, dict[str, Any]]:
     return {r["index"]: r["observed"] for r in JsonLines(path).read() if "observed" in r}
 
 
+def edited(args: argparse.Namespace, name: str, method: str, n: int, fallback: Any) -> Any:
+    """A method's figures on the first n records, scored again from its stored observations
+    (so readings added since the run, such as the target leak, are there); else its stored
+    summary."""
+    post = observed(args.work / name / method / "records.jsonl")
+    pre = observed(args.work / name / "baseline.jsonl")
+    _, records = datasets.load(SHARED / DATASETS[name], n, args.seed, args.max_probes)
+    scored = [
+        score(r, post[r.index], pre[r.index]) for r in records if r.index in post and r.index in pre
+    ]
+    return summarise(scored) if scored else fallback
+
+
+def rescored(args: argparse.Namespace, method: str, checkpoints: list[dict]) -> list[dict]:
+    """Sequential checkpoints scored again from their stored observations (checkpoint-K.jsonl)
+    where those are kept; a checkpoint without them keeps its stored summaries."""
+    folder = args.work / "sequential" / method
+    pre = observed(args.work / "zsre" / "baseline.jsonl")
+    parts = {c["edits"]: observed(folder / f"checkpoint-{c['edits']}.jsonl") for c in checkpoints}
+    most = max((max(p, default=-1) for p in parts.values()), default=-1) + 1
+    _, records = datasets.load(SHARED / DATASETS["zsre"], most, args.seed, args.max_probes)
+    out = []
+    for c in checkpoints:
+        post = parts[c["edits"]]
+        kept = [r for r in records if r.index in post and r.index in pre]
+        if not kept:
+            out.append(c)
+            continue
+        out.append(
+            {
+                **c,
+                "edited": summarise([score(r, post[r.index], pre[r.index]) for r in kept]),
+                "unedited": summarise([score(r, pre[r.index], pre[r.index]) for r in kept]),
+            }
+        )
+    return out
+
+
+def fixed_answers(folder: Path) -> bool:
+    """Whether a run generated its judged answers at one fixed length (before answers were
+    sized to their targets): its run.json has no answer_margin."""
+    path = folder / "run.json"
+    if not path.is_file():
+        return False
+    return "answer_margin" not in json.loads(path.read_text())["identity"]["settings"]
+
+
 def group_counts(
     args: argparse.Namespace, name: str, n: int, methods: list[str]
 ) -> list[tuple[str, dict[str, Any]]]:
@@ -163,6 +218,12 @@ def sequence_so_far(folder: Path) -> tuple[int, list[dict[str, Any]]] | None:
     return (made, checkpoints) if checkpoints else None
 
 
+def checkpoint_table(method: str, checkpoints: list[dict[str, Any]]) -> str:
+    rows = checkpoint_rows(method, checkpoints)
+    memory = {label for label, _ in rows if method in MEMORY_METHODS and "unedited" not in label}
+    return report.table(rows, "edits", memory)
+
+
 def checkpoint_rows(method: str, checkpoints: list[dict[str, Any]]) -> list[tuple[str, Any]]:
     rows = []
     for c in checkpoints:
@@ -197,8 +258,33 @@ def render(args: argparse.Namespace) -> str:
         "/v1/completions) equal the unedited model's by design; their gen columns are their "
         "measure. GRACE's codebook acts on both, but fires only on a key within an entry's "
         "radius, and its keys are taken at the chat template's last token: raw prompts' keys "
-        "stay outside (its TF columns equal the unedited model's too).\n",
+        "stay outside (its TF columns equal the unedited model's too). The tables print "
+        "those columns as n/a (by design).\n",
     ]
+    legacy = sorted(
+        {
+            f"{name}/{m}"
+            for name in DATASETS
+            for m in METHODS.split(",")
+            if fixed_answers(args.work / name / m)
+        }
+        | {
+            f"sequential/{m}"
+            for m in SEQ_METHODS.split(",")
+            if fixed_answers(args.work / "sequential" / m)
+        }
+    )
+    if legacy:
+        parts.append(
+            "**Answer length.** Every run below generated its judged chat answers at a fixed 24 "
+            "tokens, before answers were sized to their targets (max(24, target tokens + 8), "
+            "`editserve eval --answer-margin`): a target longer than ~24 tokens could not be "
+            "said whole (63 of WikiBio's 100), so those success figures are capped and must be "
+            f're-run ({len(legacy)} runs; docs/eval.md, "Splits", gives the commands). The '
+            "target leak and bare-answer columns are scored from the stored answers, so they "
+            "are exact for these runs; the grid's records are each file's reporting split "
+            "(its first 100), the sequential curves records 0-999 (`--split all`).\n"
+        )
     missing = []
     for name in DATASETS:
         found = [
@@ -209,22 +295,23 @@ def render(args: argparse.Namespace) -> str:
             continue
         n = max(r["n"] for _, r in found)
         rows = [(f"unedited (n={n})", unedited(args, name, n))]
-        rows += [
-            (
-                f"{m} (n={r['edits_applied']}){' †' if r.get('preexisting_edits') else ''}",
-                r["edited"],
-            )
+        labels = {
+            m: f"{m} (n={r['edits_applied']}){' †' if r.get('preexisting_edits') else ''}"
             for m, r in found
-        ]
-        parts.append(f"## {name}: `{DATASETS[name]}`, first {n} records\n")
-        parts.append(report.table(rows, "method") + "\n")
+        }
+        rows += [(labels[m], edited(args, name, m, r["n"], r["edited"])) for m, r in found]
+        memory = {labels[m] for m, _ in found if m in MEMORY_METHODS}
+        parts.append(f"## {name}: `{DATASETS[name]}`, first {n} records (reporting split)\n")
+        parts.append(report.table(rows, "method", memory) + "\n")
         counts = group_counts(args, name, n, [m for m, _ in found])
         if any(any(c.values()) for _, c in counts):
             sentiment = any(c.get("sentiment") for _, c in counts)
             cases = any(c.get("cases") for _, c in counts)
             parts.append(
                 "Chat answers per probe group, counted / probes: portability answers that "
-                "contain an accepted answer, locality answers left word for word unchanged"
+                "contain an accepted answer, locality answers left word for word unchanged, "
+                "locality answers that name the edit's target (Leak; the unedited row: the "
+                "unedited model's answers to the same probes)"
                 + (
                     ", edit answers that VADER reads as the target sentiment (Rel. target) and "
                     "that contain the whole target response (Rel. verbatim), per target"
@@ -259,14 +346,14 @@ def render(args: argparse.Namespace) -> str:
     if seq or unfinished:
         parts.append("## Sequential editing on zsre: every edit so far, scored after k edits\n")
     for method, r in seq:
-        parts.append(f"### {method} ({r['n']} edits in sequence)\n")
-        parts.append(report.table(checkpoint_rows(method, r["sequential"]), "edits") + "\n")
+        parts.append(f"### {method} ({r['n']} edits in sequence, records 0-{r['n'] - 1})\n")
+        parts.append(checkpoint_table(method, rescored(args, method, r["sequential"])) + "\n")
     for method, (made, checkpoints) in unfinished:
         parts.append(
             f"### {method} (unfinished: {made} edits made so far; the checkpoints taken are "
             "below, and rerunning the command resumes the run)\n"
         )
-        parts.append(report.table(checkpoint_rows(method, checkpoints), "edits") + "\n")
+        parts.append(checkpoint_table(method, rescored(args, method, checkpoints)) + "\n")
     absent = [m for m in SEQ_METHODS.split(",") if m not in dict(seq) and m not in dict(unfinished)]
     not_run = [f"datasets with no run: {', '.join(missing)}"] if missing else []
     if absent:
