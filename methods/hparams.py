@@ -73,7 +73,9 @@ def defaults_for(method: str, model_type: str, num_layers: int) -> dict[str, Any
             f"({num_layers} layers): no default.yaml and no matching file in {folder} "
             "(is editserve installed with its package data, methods/configs?)"
         )
-    if not matching and (method, model_type, num_layers) not in _warned:
+    # Only a method tuned per family (files beside default.yaml) has something to warn about.
+    tuned_elsewhere = len(files) > len(default)
+    if tuned_elsewhere and not matching and (method, model_type, num_layers) not in _warned:
         _warned.add((method, model_type, num_layers))
         log.warning(
             "%s: no tuned defaults for %s with %d layers in %s; its default.yaml applies",

@@ -27,7 +27,10 @@ def test_a_family_without_its_own_file_gets_default_yaml(
 ) -> None:
     monkeypatch.setattr(hparams, "_warned", set())  # told once per process: forget earlier tests
     assert defaults_for("memit", "qwen2", 28)["mom2_update_weight"] == 15000.0
-    assert "no tuned defaults for qwen2 with 28 layers" in caplog.text
+    assert "memit: no tuned defaults for qwen2 with 28 layers" in caplog.text
+    # IKE has one file for every model: nothing is missing, nothing to warn about.
+    assert defaults_for("ike", "qwen2", 28)["threshold"] > 0
+    assert "ike:" not in caplog.text
 
 
 def test_no_defaults_file_is_a_loud_error(
