@@ -17,6 +17,9 @@ edit up, on a workbench of the model as `EditService` builds it:
   it. If patching restores the first batch's answers, earlier facts fade at their subjects; if
   not, elsewhere in their prompts.
 
+Records come from the tuning split (ZsRE dev records from 100 on, `--first-record`); the
+reporting split's first 100 are refused unless `--force-report-records`.
+
     python bench/batch_anatomy.py --method memit --n 100
     python bench/batch_anatomy.py --method memit --n 100 --hparams '{"n_essence": 1}'
     python bench/batch_anatomy.py --method alphaedit --n 150 --batch 50
@@ -32,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edits import DATA, UNRELATED, load_records, own_questions, target_hits, unchanged
+from edits import (
+    DATA,
+    UNRELATED,
+    add_records_arguments,
+    load_records,
+    own_questions,
+    target_hits,
+    unchanged,
+)
 from harness import machine_info, write_report
 
 from editserve.architectures import resolve
@@ -287,12 +298,13 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=0, help="sequential batches of this size")
     parser.add_argument("--hparams", type=json.loads, default={}, help="overrides, as JSON")
     parser.add_argument("--data", type=Path, default=DATA)
+    add_records_arguments(parser)  # the tuning split by default: this script chose settings
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "batch_anatomy.json"
     )
     args = parser.parse_args()
-    records = load_records(args.n, args.data)
-    probes = UNRELATED + [r["prompt"] for r in load_records(630, args.data)[600:630]]
+    records = load_records(args.n, args.data, args.first_record, args.force_report_records)
+    probes = UNRELATED + [r["prompt"] for r in load_records(30, args.data, 600)]
     bench = Workbench(
         Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
     )

@@ -3,7 +3,10 @@
 1. Statistics: the time to compute E[kkᵀ] of every edited layer, from text the model samples
    and (when ../shared/data is there) from Wikipedia text; in-process, into a fresh cache that
    the server then reads.
-2. Batches: for each method, one edit of the first 1, 10 and 100 ZsRE records (checks off, so
+Records come from the tuning split (ZsRE dev records from 100 on, `--first-record`; the first 100
+are the reporting split, refused unless `--force-report-records`).
+
+2. Batches: for each method, one edit of the first 1, 10 and 100 records (checks off, so
    the time is the method's), then for the 100-record batch, through the public API: the greedy
    chat answers to every prompt and paraphrase (success: the answer contains the target), the
    teacher-forced token accuracy of the targets (/v1/completions echo + logprobs), and locality
@@ -34,6 +37,7 @@ from edits import (
     DATA,
     UNRELATED,
     Api,
+    add_records_arguments,
     chat_template_for,
     load_records,
     own_questions,
@@ -183,7 +187,8 @@ async def run(args: argparse.Namespace, url: str, records: list[dict]) -> dict:
     api = Api(url, admin_key=args.admin_key)
     api.client.headers.update(api.admin_headers)  # the bench also calls /edits itself
     await api.start()
-    probes = UNRELATED + [r["prompt"] for r in load_records(630, args.data)[600:630]]
+    # Locality questions from records no run here edits (tuning split, past 600).
+    probes = UNRELATED + [r["prompt"] for r in load_records(30, args.data, 600)]
     scorer = Scorer(api, chat_template_for(None), probes)
     sizes = [int(s) for s in args.batches.split(",") if s]
     await scorer.baseline(records[: max(sizes, default=0)])  # only batches score same-subject
@@ -228,12 +233,13 @@ def main() -> int:
         help="skip timing the statistics: the server uses (or computes) the cached ones",
     )
     parser.add_argument("--data", type=Path, default=DATA)
+    add_records_arguments(parser)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "batch_edits.json"
     )
     args = parser.parse_args()
     n = max([int(s) for s in args.batches.split(",") if s] + [args.sequential])
-    records = load_records(n, args.data)
+    records = load_records(n, args.data, args.first_record, args.force_report_records)
     report: dict[str, Any] = {
         "machine": machine_info(),
         "args": vars(args) | {"data": str(args.data)},

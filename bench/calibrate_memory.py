@@ -1,5 +1,6 @@
-"""Calibrates the retrieval thresholds of IKE/ICE and SERAC on ZsRE dev records (not the first 50,
-which are the benchmark's), with the server's sentence encoder. Writes JSON.
+"""Calibrates the retrieval thresholds of IKE/ICE and SERAC on ZsRE dev records of the tuning
+split (from record 100 on: the first 100 are the reporting split, refused unless
+`--force-report-records`), with the server's sentence encoder. Writes JSON.
 
 With every calibration record's edit in memory at once (as a server would hold them):
 - should fire: a record's paraphrase (`rephrase_prompt`) against its own entry;
@@ -15,7 +16,7 @@ With `--grace-layers 16,20,24,27` it also measures, on the embedded model (first
 inputs at the chat prompt's last token) of a question vs. its paraphrase, vs. the nearest other
 record's question, vs. the same subject's locality prompt, and vs. everyday questions.
 
-    python bench/calibrate_memory.py [--first 50] [--n 600] [--grace-layers 24] [--out FILE]
+    python bench/calibrate_memory.py [--first 100] [--n 600] [--grace-layers 24] [--out FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared/data/knowedit/zsre/ZsRE-test-all.dev.json"
 
+from editserve.eval.splits import (  # noqa: E402
+    REPORT_RECORDS,
+    SplitError,
+    add_force_argument,
+    check_tuning,
+)
 from memory.encoder import SentenceEncoder  # noqa: E402
 from methods.memory_common import fact_text  # noqa: E402
 
@@ -138,7 +145,13 @@ def grace_distances(records: list[dict], layers: list[int]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--first", type=int, default=50, help="records reserved for the benchmark")
+    ap.add_argument(
+        "--first",
+        type=int,
+        default=REPORT_RECORDS,
+        help="first calibration record (the reporting split's 100 come before it)",
+    )
+    add_force_argument(ap)
     ap.add_argument("--n", type=int, default=600, help="calibration records after those")
     ap.add_argument("--max-false", type=float, default=0.05)
     ap.add_argument(
@@ -150,6 +163,10 @@ def main() -> None:
     args = ap.parse_args()
     if not args.data.is_file():
         sys.exit(f"no data at {args.data}")
+    try:
+        check_tuning(args.data, range(args.first, args.first + args.n), args.force_report_records)
+    except SplitError as exc:
+        sys.exit(str(exc))
     records = json.loads(args.data.read_text())[args.first : args.first + args.n]
     records = [r for r in records if r.get("locality", {}).get("Relation_Specificity")]
     enc = SentenceEncoder(quantize=args.encoder == "int8")
@@ -161,6 +178,7 @@ def main() -> None:
     same = torch.tensor([[a == b for b in subjects] for a in subjects])  # [n, n]
     result = {
         "records": f"{args.first}..{args.first + len(records) - 1} of {args.data.name}",
+        "split": "forced: includes reporting records" if args.first < REPORT_RECORDS else "tune",
         "n": len(records),
         "max_false": args.max_false,
         "encoder": args.encoder,

@@ -1,6 +1,8 @@
 """Edit benchmark: latency, undo latency, success and locality of edits through the live API.
 
-For each of the first N ZsRE records (one edit at a time, each undone before the next):
+For N ZsRE records of the tuning split (from record 100 on, `--first-record`; the first 100
+are the reporting split, refused unless `--force-report-records`), one edit at a time, each
+undone before the next:
 POST /edits (checks off, so the time is the method's and the apply's), then through the public
 API the greedy chat answers to the edited prompt and its paraphrase (success: the answer contains
 the target), the teacher-forced token accuracy of the target after the chat prompt
@@ -27,6 +29,7 @@ from harness import ServerProcess, machine_info, percentile
 
 from editserve.eval.client import EvalClient as Api
 from editserve.eval.metrics import contains_answer
+from editserve.eval.splits import REPORT_RECORDS, add_force_argument, check_tuning
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/knowedit/zsre/ZsRE-test-all.dev.json"
 UNRELATED = [
@@ -45,10 +48,28 @@ LOCALITY_TOKENS = 16
 ANSWER_TOKENS = 24
 
 
-def load_records(n: int, path: Path) -> list[dict[str, Any]]:
+def load_records(
+    n: int, path: Path, start: int = REPORT_RECORDS, force: bool = False
+) -> list[dict[str, Any]]:
+    """Records start..start+n-1 of a data file; a range inside the reporting split (the first
+    100 of an evaluation file) is refused unless forced: the benchmarks tune settings."""
     if not path.is_file():
         raise SystemExit(f"no data at {path} (../shared/data is needed for this benchmark)")
-    return json.loads(path.read_text())[:n]
+    try:
+        check_tuning(path, range(start, start + n), force)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    return json.loads(path.read_text())[start : start + n]
+
+
+def add_records_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--first-record",
+        type=int,
+        default=REPORT_RECORDS,
+        help=f"first record (default {REPORT_RECORDS}: the tuning split of an evaluation file)",
+    )
+    add_force_argument(parser)
 
 
 def same_subject(record: dict) -> list[str]:
@@ -206,11 +227,12 @@ def main() -> int:
     parser.add_argument("--method", default="rome")
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--data", type=Path, default=DATA)
+    add_records_arguments(parser)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "edits.json"
     )
     args = parser.parse_args()
-    records = load_records(args.n, args.data)
+    records = load_records(args.n, args.data, args.first_record, args.force_report_records)
     server = None
     url = args.server
     if args.start:
@@ -229,6 +251,7 @@ def main() -> int:
         "machine": machine_info(),
         "method": args.method,
         "data": str(args.data),
+        "records": f"{args.first_record}-{args.first_record + len(records) - 1}",
         "n": len(records),
         **result,
     }

@@ -1,6 +1,8 @@
 """Memory-edit benchmark (IKE, ICE, SERAC, GRACE) through the live API. Writes JSON.
 
-1. Quality and registration latency, per method, on the first N ZsRE dev records, one edit at a
+1. Quality and registration latency, per method, on N ZsRE dev records of the tuning split
+   (from record 100 on, `--first-record`; the reporting split's first 100 are refused unless
+   `--force-report-records`), one edit at a
    time (each undone before the next, as bench/edits.py does for ROME): POST /edits with checks
    off (wall time = registration latency: compute + journal + apply), then greedy chat answers
    to the edited prompt and its paraphrase (success: the answer contains the target), and
@@ -31,7 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edits import DATA, LOCALITY_TOKENS, UNRELATED, Api, load_records, same_subject
+from edits import (
+    DATA,
+    LOCALITY_TOKENS,
+    UNRELATED,
+    Api,
+    add_records_arguments,
+    load_records,
+    same_subject,
+)
 from harness import ServerProcess, machine_info, percentile
 
 from editserve.eval.metrics import contains_answer
@@ -262,7 +272,7 @@ async def run(
     api = apis["this"]
     out: dict[str, Any] = {"methods": {}}
     if args.n:
-        records = load_records(args.n, args.data)
+        records = load_records(args.n, args.data, args.first_record, args.force_report_records)
         for method in args.methods.split(","):
             out["methods"][method] = await quality(api, method, records)
             print(method, json.dumps(out["methods"][method]["summary"]), flush=True)
@@ -301,6 +311,7 @@ def main() -> int:
         "(a server that never ran the encoder: see docs/memory-edits.md, Query cost)",
     )
     parser.add_argument("--data", type=Path, default=DATA)
+    add_records_arguments(parser)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "memory.json"
     )

@@ -2,8 +2,9 @@
 
 Records come from any file `editserve eval` reads; a record with one edit request and at least
 one paraphrase is an example (its question, paraphrases and locality prompts). The first
-`--skip` records are left out (keep a benchmark's records unseen), the next `--calibrate` are
-held out to choose the threshold and to compare with the cosine classifier, the rest train.
+`--skip` records are left out (by default an evaluation file's reporting split, its first 100,
+which nothing may be tuned on; a training file is read whole), the next `--calibrate` are held
+out to choose the threshold and to compare with the cosine classifier, the rest train.
 Serve the result with `serac_scope: PATH` (EDITSERVE_SERAC_SCOPE).
 """
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from editserve.eval.datasets import EvalRecord, load
+from editserve.eval.splits import REPORT_RECORDS, add_force_argument, check_tuning, is_train_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, type=Path, action="append", help="repeatable")
     p.add_argument("--out", required=True, type=Path, help="the classifier (.safetensors)")
-    p.add_argument("--skip", type=int, default=0, help="records of each file left out first")
+    p.add_argument(
+        "--skip",
+        type=int,
+        help=f"records of each file left out first (default: {REPORT_RECORDS}, the reporting "
+        "split, for an evaluation file; 0 for a training file)",
+    )
+    add_force_argument(p)
     p.add_argument(
         "--calibrate",
         type=int,
@@ -58,10 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise ValueError(f"--threshold is a probability in (0, 1), not {args.threshold}")
-    held, fitted = [], []
+    held, fitted, skips = [], [], []
     for i, path in enumerate(args.data):
         _, records = load(path)
-        examples = [e for r in records[args.skip :] if (e := example(r))]
+        skip = args.skip if args.skip is not None else 0 if is_train_file(path) else REPORT_RECORDS
+        # The classifier and its threshold are settings: refuse the reporting records.
+        check_tuning(path, range(skip, len(records)), args.force_report_records)
+        examples = [e for r in records[skip:] if (e := example(r))]
+        skips.append(skip)
         if i == 0:
             n = len(examples) // 5 if args.calibrate is None else args.calibrate
             held, examples = examples[:n], examples[n:]
@@ -80,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     _, cosine_table = calibrate(cosine_scores(held_out))
     report = {
         "data": [str(p) for p in args.data],
-        "skip": args.skip,
+        "skip": skips[0] if len(set(skips)) == 1 else skips,
         "trained_on": len(fitted),
         "calibrated_on": len(held),
         "threshold": classifier.threshold,

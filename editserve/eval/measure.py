@@ -69,9 +69,7 @@ async def observe_probe(
 async def _probes(
     client: EvalClient, probes: tuple[Probe, ...], tokens: int, margin: int | None = None
 ) -> list[dict]:
-    return list(
-        await asyncio.gather(*(observe_probe(client, p, tokens, margin) for p in probes))
-    )
+    return list(await asyncio.gather(*(observe_probe(client, p, tokens, margin) for p in probes)))
 
 
 async def _groups(

@@ -154,3 +154,14 @@ def test_a_run_written_before_splits_resumes_as_the_report_split(dev: Path, tmp_
     run_json.write_text(json.dumps(saved))
     result = asyncio.run(evaluate(cfg, transport=server.transport()))
     assert result["split"] == "report" and result["edits_applied"] == 2
+
+
+def test_train_scope_refuses_the_reporting_split(
+    dev: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from editserve.cli import main
+
+    out = tmp_path / "scope.safetensors"
+    args = ["train-scope", "--data", str(dev), "--out", str(out), "--skip", "50"]
+    assert main(args) == 2
+    assert "reporting split" in capsys.readouterr().err and not out.exists()

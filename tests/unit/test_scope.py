@@ -142,7 +142,7 @@ def test_train_scope_writes_a_calibrated_classifier(
     from tests.unit.test_memory_edits_api import BagOfWords
 
     monkeypatch.setattr("memory.encoder.SentenceEncoder", BagOfWords)
-    data = tmp_path / "zsre.json"
+    data = tmp_path / "zsre_train.json"  # a training file: every record may tune
     data.write_text(json.dumps(knowedit_records(80)))
     out, report = tmp_path / "scope.safetensors", tmp_path / "report.json"
     args = ["train-scope", "--data", str(data), "--out", str(out), "--skip", "10"]
