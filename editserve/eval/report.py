@@ -34,7 +34,7 @@ LEGEND = (
     "the chat answer. Leak gen: locality chat answers that name the edit's target, minus the "
     "unedited model's share on the same probes (points; 0 for the unedited model). Bare gen: "
     "the share of successful edit-prompt and paraphrase chat answers that are only the target "
-    f"(at most three words, normalised). ConvSent's Rel. TF is SERAC's sentiment edit success; "
+    "(at most three words, normalised). ConvSent's Rel. TF is SERAC's sentiment edit success; "
     "its Rel. gen is the share of chat answers VADER reads as the target sentiment. "
     f"{BY_DESIGN}: a memory method's teacher-forced column (raw text never reaches it). "
     f"(n=K): the figure rests on K < {FEW_PROBES} probes. — : no such probes."
