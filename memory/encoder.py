@@ -67,9 +67,13 @@ def bundled_model_dir() -> Path:
         )
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / "model"
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+        if _holds_model(candidate):
             return candidate
     raise EncoderUnavailable(f"the installed {PIP_NAME} package has no model folder")
+
+
+def _holds_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 class _LastHidden(torch.nn.Module):
@@ -173,12 +177,36 @@ class SentenceEncoder:
     def loaded(self) -> bool:
         return self._model is not None
 
+    def model_dir(self) -> Path:
+        """The model folder: the one given, else the bundled package's. EncoderUnavailable, with
+        what to install, when its files are missing."""
+        if self._model_dir is None:
+            return bundled_model_dir()
+        folder = Path(self._model_dir).expanduser()
+        if not _holds_model(folder):
+            raise EncoderUnavailable(
+                f"the sentence encoder's folder {folder} lacks config.json or model.safetensors "
+                f"(an all-MiniLM-L6-v2 folder; or unset it to use the {PIP_NAME} package)"
+            )
+        return folder
+
+    def unavailable(self) -> str | None:
+        """Why `load` would fail for want of model files, or None. Cheap (nothing is loaded), for
+        start-up checks and for refusing an edit before anything changes."""
+        if self.loaded:
+            return None
+        try:
+            self.model_dir()
+        except EncoderUnavailable as exc:
+            return str(exc)
+        return None
+
     def load(self) -> None:
         """Loads the model now (otherwise the first `encode` does); idempotent."""
         with self._lock:
             if self._model is not None:
                 return
-            folder = self._model_dir or bundled_model_dir()
+            folder = self.model_dir()
             # Imported here: importing transformers alone costs seconds in a bare process.
             from transformers import AutoModel, AutoTokenizer
 

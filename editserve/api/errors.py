@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editserve.edits.service import EditError
+from editserve.engine.errors import QueueFull, RequestTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ _STATUS_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    503: "unavailable_error",  # what a request needs is not installed here
     507: "storage_error",
 }
 
@@ -115,6 +117,16 @@ def install_error_handlers(app: FastAPI) -> None:
         elif message == "There was an error parsing the body":  # FastAPI's words, not JSON errors
             message = "the request body could not be read: send UTF-8 JSON nested less deeply"
         return _json(exc.status_code, error_body(message, kind))
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        body = error_body(str(exc), "rate_limit_error", code="queue_full")
+        return _json(429, body, {"retry-after": str(exc.retry_after_s)})
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:
+        body = error_body(str(exc), "invalid_request_error", exc.param, "context_length_exceeded")
+        return _json(400, body)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> JSONResponse:

@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from editserve.architectures import ResolvedArch
 from memory.codebook import Codebook
-from memory.encoder import DIM, SentenceEncoder
+from memory.encoder import DIM, EncoderUnavailable, SentenceEncoder
 from memory.index import EditMemory, Hit
 from memory.scope import CANDIDATES, ScopeClassifier
 from methods.grace import label
@@ -40,6 +40,9 @@ from methods.memory_common import MemoryContext, MemoryPayload
 
 # Which store each memory method's payload goes to.
 STORES = {"ike": "ike", "ice": "ike", "serac": "serac", "grace": "codebook"}
+# The methods whose entries the sentence encoder embeds (facts, and every chat query): without
+# its model files they cannot run (GRACE keys are the model's own activations).
+ENCODER_METHODS = tuple(m for m, store in STORES.items() if store != "codebook")
 TOP_K = 4  # IKE facts retrieved per request at most (SERAC uses its best one)
 DRY_RUN_ID = "dry-run"  # the edit id of a previewed edit's entries
 
@@ -82,10 +85,20 @@ class MemoryEdits:
         finally:
             self._bench_hook_on = True
 
+    def unavailable(self) -> dict[str, str]:
+        """The memory methods that cannot run on this install, each with why (a package or files
+        to install): checked without loading anything."""
+        why = self.encoder.unavailable()
+        return dict.fromkeys(ENCODER_METHODS, why) if why else {}
+
     # -- changes (engine thread, exclusive) ------------------------------------------------------
 
     def register(self, edit_id: str, method: str, payload: MemoryPayload) -> None:
         store = STORES[method]
+        if method in ENCODER_METHODS and (why := self.encoder.unavailable()):
+            # Registered, its entries could not be retrieved (no query embeds): a replay leaves
+            # the edit out, and says why, rather than fail every chat request.
+            raise EncoderUnavailable(why)
         if store == "codebook":
             self._register_grace(edit_id, payload)
         else:

@@ -241,6 +241,8 @@ class EditService:
             raise EditError(
                 400, f"unknown method {method!r}; this server offers: {known}", "method"
             )
+        if why := self.memory.unavailable().get(method):  # an optional package not installed
+            raise EditError(503, f"{method} edits are unavailable on this server: {why}", "method")
         if kind not in KINDS:
             raise EditError(400, f"kind must be one of {', '.join(KINDS)}, not {kind!r}", "kind")
         if kind not in spec.kinds:

@@ -32,6 +32,9 @@ class BagOfWords:
     def load(self) -> None:
         pass
 
+    def unavailable(self) -> None:
+        return None  # nothing to install
+
     def encode(self, texts: list[str]) -> torch.Tensor:
         out = torch.zeros(len(texts), self.dim)
         for i, text in enumerate(texts):
