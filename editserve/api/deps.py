@@ -34,6 +34,9 @@ def get_state(request: Request) -> AppState:
 
 StateDep = Annotated[AppState, Depends(get_state)]
 
+# Headers a proxy adds on behalf of the client it forwards (lower case, as starlette's).
+PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
 
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
@@ -67,6 +70,19 @@ def require_admin(request: Request, state: StateDep) -> None:
                 "edits are open to loopback clients only while EDITSERVE_ADMIN_KEY is unset",
                 type="permission_error",
             )
+        # A loopback peer that forwards for someone (a same-host proxy) hides who the client is.
+        # With trusted proxies configured, uvicorn has put X-Forwarded-For's client in
+        # `request.client` already; otherwise the request cannot prove it is local.
+        forwarded = [h for h in PROXY_HEADERS if h in request.headers]
+        trusted = state.settings.forwarded_allow_ips.strip() and "x-forwarded-for" in forwarded
+        if forwarded and not trusted:
+            raise APIError(
+                403,
+                f"this request came through a proxy ({forwarded[0]}), so it is not known to be "
+                "a loopback client: set EDITSERVE_ADMIN_KEY (or EDITSERVE_FORWARDED_ALLOW_IPS "
+                "to the proxy's address, with the proxy sending X-Forwarded-For)",
+                type="permission_error",
+            )
         return
     given = _bearer(request)
     if given is None or not secrets.compare_digest(given, expected.get_secret_value()):
@@ -79,10 +95,12 @@ def require_admin(request: Request, state: StateDep) -> None:
 
 
 def _is_loopback(host: str) -> bool:
+    """Only an address is loopback: the client host is a peer address or, from trusted proxies,
+    X-Forwarded-For's (which might say anything, as "localhost")."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host in ("localhost", "testclient")  # starlette's TestClient
+        return False
 
 
 def limit_edit_rate(request: Request, state: StateDep) -> None:

@@ -100,3 +100,28 @@ def test_a_journaled_memory_edit_is_left_out_at_start_and_says_why(tmp_path: Pat
         assert shown["status"] == "not_replayed" and str(missing) in shown["error"]
         assert chat(second)[0] == 200  # chats are served, without the edit (no 500)
         assert second.delete(f"/edits/{ike.json()['id']}").status_code == 200
+
+
+def test_serve_names_the_disabled_methods_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`editserve serve`'s composition, with EDITSERVE_MEMORY_ENCODER_DIR pointing nowhere: one
+    log line at start-up names the methods and what is missing; their edits answer 503."""
+    from editserve.cli import build_server
+    from editserve.config import Settings
+
+    folder = tmp_path / "tiny-llama"
+    tiny = tiny_model("llama")
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    missing = tmp_path / "no-encoder-here"
+    monkeypatch.setenv("EDITSERVE_MEMORY_ENCODER_DIR", str(missing))
+    monkeypatch.setenv("EDITSERVE_STATS_AT_START", "false")  # not this test's subject
+    settings = Settings(model=str(folder), state_dir=tmp_path / "state", cache_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="editserve"):
+        app = build_server(settings)
+    lines = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
+    assert len(lines) == 1 and str(missing) in lines[0]
+    assert lines[0].startswith("ike, ice, serac disabled")
+    with TestClient(app) as client:
+        assert_unavailable(client, "serac", str(missing))
