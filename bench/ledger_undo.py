@@ -7,7 +7,7 @@ random position, and of the oldest (every chunk is folded again from the pristin
 case). Each undone delta is applied again, so k stays the same. The goal is an undo of at most
 20 ms. The weights are checked to be pristine again, bit for bit, once every edit is undone.
 
-    python bench/ledger_undo.py [--active 1,100,1000] [--rounds 100] [--out FILE]
+    python bench/ledger_undo.py [--active 1,100,1000] [--rounds 100] [--threads N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def main() -> int:
     parser.add_argument("--active", default="1,100,1000", help="active edits, comma-separated")
     parser.add_argument("--rounds", type=int, default=100, help="timed rounds per count")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ledger_undo.json")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     load_start = round(os.getloadavg()[0], 2)
     g = torch.Generator().manual_seed(0)
