@@ -20,6 +20,12 @@ POINTS = (
     "during_undo",  # an undo is journaled, the live weights still hold the edit
 )
 
+# The steps of a rebase (DELETE ?rebase=true; editserve.edits.rebase), after its undo.
+REBASE_POINTS = (
+    "after_rebase_payload",  # the later edits' new payloads are durable, no row names them yet
+    "after_rebase_switch",  # the rows name the new payloads, the old files are not deleted yet
+)
+
 
 def crash_point(name: str) -> None:
     if os.environ.get("EDITSERVE_CRASH_AT") == name:

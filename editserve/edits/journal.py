@@ -4,16 +4,23 @@ Commit order for an edit: write the payload file and fsync it, insert the row as
 apply, mark `applied` (bumping the model version in the same transaction). A crash before the
 last step leaves a `pending` row, which the next start resolves as never applied. So every edit
 a client was told about survives, and no half edit does.
+
+A rebased edit's new payload never overwrites the old file: it is written under a new name
+(`stage_payload`), then every rebased row's file name and digest switch in one transaction
+(`switch_payloads`), and only then is the old file deleted. A crash at any point leaves each row
+naming a complete file with its digest; the start-up `sweep` removes the file no row names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from editserve.faults import crash_point
 
+log = logging.getLogger(__name__)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS edits (
@@ -35,6 +44,7 @@ CREATE TABLE IF NOT EXISTS edits (
     spec TEXT NOT NULL,            -- the request as JSON (requests, hparams): enough to recompute
     status TEXT NOT NULL CHECK (status IN ('pending', 'applied', 'undone', 'failed')),
     payload_sha256 TEXT NOT NULL,
+    payload_name TEXT,             -- its payload file in edits/; NULL: "<id>.safetensors"
     created_at REAL NOT NULL,
     applied_at REAL,
     undone_at REAL,
@@ -50,6 +60,20 @@ class JournalMismatch(RuntimeError):
 
 class CorruptPayload(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class StagedPayload:
+    """A rebased edit's new payload, durable under a name of its own, not yet the row's."""
+
+    edit_id: str
+    name: str
+    digest: str
+
+
+# Staged payloads are named "<id><marker><random>.safetensors": a start that sweeps one away
+# knows a rebase was cut short (EditService.replay).
+STAGED_MARKER = ".rebase-"
 
 
 @dataclass
@@ -78,6 +102,9 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(edits)")}
+        if "payload_name" not in columns:  # a journal written before rebases renamed payloads
+            self._db.execute("ALTER TABLE edits ADD COLUMN payload_name TEXT")
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -179,11 +206,43 @@ class Journal:
             )
         return version
 
-    def replace_payload(self, edit_id: str, payload: dict[str, torch.Tensor]) -> None:
-        """A rebased edit: its new payload replaces the old one atomically."""
-        digest = write_payload(self.payload_path(edit_id), payload)
+    def stage_payload(self, edit_id: str, payload: dict[str, torch.Tensor]) -> StagedPayload:
+        """Writes a rebased edit's new payload durably under a new name; the row still names
+        (and replay still loads) the old one until `switch_payloads`."""
+        name = f"{edit_id}{STAGED_MARKER}{uuid.uuid4().hex[:8]}.safetensors"
+        return StagedPayload(edit_id, name, write_payload(self.payload_dir / name, payload))
+
+    def switch_payloads(self, staged: list[StagedPayload]) -> None:
+        """Points every staged edit's row at its new file and digest, all in one transaction
+        (all switch or none do), then deletes the files they replace."""
         with self._transaction():
-            self._db.execute("UPDATE edits SET payload_sha256=? WHERE id=?", (digest, edit_id))
+            old = []
+            for new in staged:
+                row = self._db.execute(
+                    "SELECT payload_name FROM edits WHERE id=? AND status='applied'",
+                    (new.edit_id,),
+                ).fetchone()
+                if row is None:
+                    raise ValueError(f"edit {new.edit_id} is not applied: its payload stays")
+                old.append(self.payload_dir / (row[0] or _default_name(new.edit_id)))
+                self._db.execute(
+                    "UPDATE edits SET payload_name=?, payload_sha256=? WHERE id=?",
+                    (new.name, new.digest, new.edit_id),
+                )
+        crash_point("after_rebase_switch")
+        for path in old:  # no row names them now; one left here is swept at the next start
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not delete %s, a replaced payload: %s", path, exc)
+
+    def discard(self, staged: list[StagedPayload]) -> None:
+        """Deletes staged payloads that were never switched in (a rebase that failed)."""
+        for new in staged:
+            try:
+                (self.payload_dir / new.name).unlink(missing_ok=True)
+            except OSError as exc:  # swept at the next start
+                log.warning("could not delete %s, an unused payload: %s", new.name, exc)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -203,9 +262,10 @@ class Journal:
         payload and inserting its row, or mid-write staging files. Returns their names."""
         with self._lock:
             keep = {
-                f"{edit_id}.safetensors"
-                for (edit_id,) in self._db.execute(
-                    "SELECT id FROM edits WHERE status IN ('pending', 'applied', 'undone')"
+                name or _default_name(edit_id)
+                for (edit_id, name) in self._db.execute(
+                    "SELECT id, payload_name FROM edits "
+                    "WHERE status IN ('pending', 'applied', 'undone')"
                 )
             }
         removed = []
@@ -216,11 +276,11 @@ class Journal:
         return removed
 
     def load_payload(self, edit_id: str) -> dict[str, torch.Tensor]:
-        path = self.payload_path(edit_id)
-        with self._lock:
-            (expected,) = self._db.execute(
-                "SELECT payload_sha256 FROM edits WHERE id=?", (edit_id,)
+        with self._lock:  # the name and its digest, read together
+            (expected, name) = self._db.execute(
+                "SELECT payload_sha256, payload_name FROM edits WHERE id=?", (edit_id,)
             ).fetchone()
+        path = self.payload_dir / (name or _default_name(edit_id))
         if not path.is_file():
             raise CorruptPayload(f"the payload of edit {edit_id} is missing ({path})")
         if _sha256(path) != expected:
@@ -228,7 +288,12 @@ class Journal:
         return load_file(path)
 
     def payload_path(self, edit_id: str) -> Path:
-        return self.payload_dir / f"{edit_id}.safetensors"
+        """The file the edit's row names (a rebase renames it); the default before a row."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload_name FROM edits WHERE id=?", (edit_id,)
+            ).fetchone()
+        return self.payload_dir / ((row and row[0]) or _default_name(edit_id))
 
     def _rows(self, where: str, args: tuple) -> list[EditRow]:
         with self._lock:
@@ -249,6 +314,10 @@ class Journal:
 
     def _set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+def _default_name(edit_id: str) -> str:
+    return f"{edit_id}.safetensors"
 
 
 def _row(seq, id_, method, kind, spec, status, created, applied, undone, version, summary):  # noqa: ANN001, ANN202
