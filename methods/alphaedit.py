@@ -25,7 +25,6 @@ position's output by ~10 %, and an earlier fact is read through the words around
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,24 +60,15 @@ def load_alphaedit_hparams(
     return h
 
 
-# Eigendecompositions of the statistics, by tensor: each edit needs one per edited layer, and
-# on 2 CPU cores one of a 1536-wide matrix takes ~0.5 s (5 layers: half of a one-request edit),
-# while the service keeps its statistics unchanged for its lifetime. An entry leaves with its
-# tensor (so a reused id never finds a stale one); `_version` catches an in-place change.
-_eigen: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _eigh(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (id(moment), moment._version)
-    if key not in _eigen:
-        _eigen[key] = torch.linalg.eigh(moment.double())
-        weakref.finalize(moment, _eigen.pop, key, None)
-    return _eigen[key]
-
-
-def null_space_projector(moment: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P [d, d] onto the eigenvectors of `moment` with eigenvalue < threshold · mean eigenvalue."""
-    eigenvalues, vectors = _eigh(moment)
+def null_space_projector(
+    moment: torch.Tensor,
+    threshold: float,
+    eigh: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """P [d, d] onto the eigenvectors of `moment` with eigenvalue < threshold · mean eigenvalue.
+    `eigh`: `moment`'s decomposition if the caller keeps one (on 2 CPU cores one of a 1536-wide
+    matrix takes ~0.5 s: 5 layers are half of a one-request edit)."""
+    eigenvalues, vectors = eigh if eigh is not None else torch.linalg.eigh(moment.double())
     kept = vectors[:, eigenvalues < threshold * eigenvalues.mean()]
     return kept @ kept.T
 
@@ -121,7 +111,8 @@ def alphaedit_solver(
 
     def solve_with(moments: dict[int, torch.Tensor]) -> LayerSolve:
         def solve(layer: int, k: torch.Tensor, name: str) -> torch.Tensor:
-            p = null_space_projector(moments[layer], h.nullspace_threshold).to(k)
+            eigh = ctx.moment_eigh(layer) if ctx.moment_eigh is not None else None
+            p = null_space_projector(moments[layer], h.nullspace_threshold, eigh).to(k)
             gram = k.T @ k
             if ctx.edited_keys is not None:
                 earlier = ctx.edited_keys(name).to(k)  # [m, d_in]

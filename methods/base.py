@@ -91,6 +91,9 @@ class EditContext:
     model_fingerprint: str = ""  # for caches keyed by model (templates, statistics)
     # E[k kᵀ] of down_proj(l)'s inputs for each layer asked (methods.stats; cached by the caller)
     second_moments: Callable[[Sequence[int]], dict[int, torch.Tensor]] | None = None
+    # torch.linalg.eigh (float64) of layer l's second moment, kept by the caller with the
+    # statistics (AlphaEdit's projector); None: decomposed on each use
+    moment_eigh: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
     # The keys [m, in] of the active edits at a parameter (empty [0, in] when none)
     edited_keys: Callable[[str], torch.Tensor] | None = None
     # The requests of the weight edits in the model now, oldest first

@@ -10,7 +10,10 @@ Sources of text, each tokenised into fixed-length rows:
   a fresh machine needs no dataset.
 
 One forward pass collects every requested layer and stops after the last of them. Results are
-cached on disk, keyed by the model fingerprint, the source, the sample count and the layer.
+cached on disk, keyed by the model fingerprint, the source, the sample count and the layer. They
+describe the base model: the caller computes them on its pristine weights
+(`editserve.edits.statistics`). `progress(done, total)`, in tokens, reports how far a
+computation is.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from methods.common import causal_mask, first_input
 log = logging.getLogger(__name__)
 
 SELF = "self"  # the source name for text sampled from the model
+# (tokens done, tokens in all) while statistics compute
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ def sampled_moments(
     seq_len: int,
     seed: int,
     batch: int = 64,
+    progress: Progress | None = None,
 ) -> dict[int, torch.Tensor]:
     """E[k kᵀ] over text the model writes itself (temperature 1, each row started from its BOS
     token), accumulated while it writes: every sampled token is fed back once, so its keys are
@@ -111,6 +117,8 @@ def sampled_moments(
             _sample(ctx, start, b, seq_len, generator)
             done += b
             bar.update(b * seq_len)
+            if progress is not None:
+                progress(done * seq_len, n_rows * seq_len)
     return acc.moments()
 
 
@@ -189,12 +197,17 @@ class _Accumulator:
 
 
 def second_moments(
-    ctx: EditContext, layers: Sequence[int], rows: Iterable[Sequence[int]], batch: int = 16
+    ctx: EditContext,
+    layers: Sequence[int],
+    rows: Iterable[Sequence[int]],
+    batch: int = 16,
+    progress: Progress | None = None,
 ) -> dict[int, torch.Tensor]:
     """E[k kᵀ] [d_in, d_in] (float32) of `down_proj(l)`'s inputs over every token of `rows`, for
     each l in `layers`, from one pass per batch that stops after the last of them."""
     rows = list(rows)
     batches = list(_batches(rows, batch))
+    total, done = sum(len(b) * len(b[0]) for b in batches), 0
     with _Accumulator(ctx, layers, stop=True) as acc:
         for chunk in tqdm(batches, desc="second moments", unit="batch", leave=False):
             ids = torch.tensor(chunk, dtype=torch.long, device=ctx.device)
@@ -207,6 +220,9 @@ def second_moments(
                     )
             except _Stop:
                 pass
+            done += len(chunk) * len(chunk[0])
+            if progress is not None:
+                progress(done, total)
     return acc.moments()
 
 
@@ -219,18 +235,31 @@ def _batches(rows: list, size: int) -> Iterator[list]:
 
 
 class StatsCache:
-    """Second moments on disk: <root>/<fingerprint>/<source tag>/layer<l>.safetensors."""
+    """Second moments on disk: <root>/<LAYOUT>/<fingerprint>/<source tag>/layer<l>.safetensors."""
+
+    # Statistics cached before v2 may have been computed on an edited model (the first MEMIT
+    # edit computed them on the model as it was then): a new layout leaves them unread.
+    LAYOUT = "v2"
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def path(self, fingerprint: str, source: StatsSource, layer: int) -> Path:
-        return self.root / fingerprint[:16] / source.tag / f"layer{layer}.safetensors"
+        folder = self.root / self.LAYOUT / fingerprint[:16] / source.tag
+        return folder / f"layer{layer}.safetensors"
+
+    def cached(self, fingerprint: str, source: StatsSource, layers: Sequence[int]) -> bool:
+        return all(self.path(fingerprint, source, layer).is_file() for layer in layers)
 
     def get(
-        self, ctx: EditContext, source: StatsSource, layers: Sequence[int]
+        self,
+        ctx: EditContext,
+        source: StatsSource,
+        layers: Sequence[int],
+        progress: Progress | None = None,
     ) -> dict[int, torch.Tensor]:
-        """The statistics of `layers`, computing (in one pass) and storing those not cached."""
+        """The statistics of `layers`, computing (in one pass) and storing those not cached.
+        `ctx.model` must hold the weights they should describe (the base model's)."""
         found: dict[int, torch.Tensor] = {}
         for layer in layers:
             path = self.path(ctx.model_fingerprint, source, layer)
@@ -241,11 +270,11 @@ class StatsCache:
             log.info("computing second moments of layers %s from %s", missing, source.tag)
             if source.corpus is None:
                 computed = sampled_moments(
-                    ctx, missing, source.n_tokens, source.seq_len, source.seed
+                    ctx, missing, source.n_tokens, source.seq_len, source.seed, progress=progress
                 )
             else:
                 rows = corpus_rows(ctx, source.corpus, source.n_tokens, source.seq_len)
-                computed = second_moments(ctx, missing, rows)
+                computed = second_moments(ctx, missing, rows, progress=progress)
             for layer, moment in computed.items():
                 path = self.path(ctx.model_fingerprint, source, layer)
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ async def health(state: StateDep) -> dict:
         "waiting": engine.num_waiting,
         # Journaled edits refused at start (damaged payload): serving goes on without them.
         "edits_not_replayed": sorted(state.edits.unreplayed),
+        # MEMIT's and AlphaEdit's statistics: idle, computing (done/total tokens), ready, failed.
+        "stats": stats.status() if (stats := state.edits.statistics) else {"state": "off"},
     }
 
 
