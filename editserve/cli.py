@@ -63,7 +63,7 @@ def build_server(settings: Settings):  # noqa: ANN201 (FastAPI; imported lazily 
         str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         engine.max_model_len,
         engine.kv_cache_bytes >> 20,
-        engine.kv_budget_tokens,
+        engine.limits.kv_budget_tokens,
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     stats = StatsSource(

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from editserve.edits.service import EditError
-from editserve.engine.errors import QueueFull, RequestTooLarge
+from editserve.engine.limits import QueueFull, RequestTooLarge
 
 log = logging.getLogger(__name__)
 

@@ -321,7 +321,7 @@ class OpenAIServing:
                 param="messages",
                 code="context_length_exceeded",
             )
-        budget = limit - prompt_tokens if requested is None else requested
+        budget = self.engine.completion_budget(prompt_tokens, requested)  # capped by default
         problem = self.engine.check_length(prompt_tokens, budget)
         if problem:
             raise bad_request(problem, param="max_tokens", code="context_length_exceeded")
@@ -337,9 +337,16 @@ class OpenAIServing:
         still_valid: Callable[[], bool] | None = None,
         first: bool = False,
     ) -> OutputStream:
+        if len(prompts) > self.engine.max_batch:
+            raise bad_request(
+                f"this call asks for {len(prompts)} generations (prompts x n); this server "
+                f"runs at most {self.engine.max_batch} at once (EDITSERVE_MAX_BATCH)",
+                param="n",
+            )
         stream = OutputStream()
-        for i, prompt in enumerate(prompts):
-            self.engine.submit(prompt, params_for(i), stream, still_valid, first)
+        # Admitted together: no edit lands between two choices of one call (one version).
+        jobs = [(prompt, params_for(i)) for i, prompt in enumerate(prompts)]
+        self.engine.submit_group(jobs, stream, still_valid, first)
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         return stream
 
@@ -378,8 +385,9 @@ class OpenAIServing:
 
 
 def _version(stream: OutputStream) -> dict[str, str]:
-    """The model version every generation of this call ran on (the engine never mixes two)."""
-    return {VERSION_HEADER: str(stream.handles[0].model_version)}
+    """The model version every generation of this call ran on (the engine never mixes two),
+    or, for a call preempted by a weight edit, the version it finished on (the newest)."""
+    return {VERSION_HEADER: str(max(h.model_version for h in stream.handles))}
 
 
 def _meta(prefix: str, obj: str, model: str) -> dict[str, Any]:

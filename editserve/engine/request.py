@@ -26,6 +26,9 @@ class GenerationChunk:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" once finished
+    # The version of the weights that produced it: a request preempted by a weight change
+    # resumes on the new weights, and its later chunks say so.
+    model_version: int = -1
 
 
 @dataclass
@@ -118,7 +121,8 @@ class RequestHandle:
         self.stream = stream
         self.index = len(stream.handles)
         stream.handles.append(self)
-        self.model_version = -1  # set when the engine admits it
+        self.model_version = -1  # set when the engine admits it (again, when it resumes)
+        self.preemptions = 0  # times a weight change preempted it (it resumed on new weights)
         self.prompt_scores: PromptScores | None = None
         self.aborted = False
         # Asked on the engine thread at admission: False means the prompt was rendered from

@@ -4,26 +4,38 @@ One background thread owns the model. Each iteration it admits waiting requests 
 prefill, right-padded), then runs one decode step for every running request. Requests join and
 leave between steps; each owns one row of a `SlotKVCache`, so nothing is recomputed and nothing
 is copied per step. Callers on the event loop get a `RequestHandle` to iterate.
+
+Memory is bounded: a request is admitted only when the KV cache can hold its worst case next to
+the running ones' (see `SlotKVCache`), and the waiting queue has a length limit (`QueueFull`).
+A weight change waits for the batch to drain at most `drain_timeout_s`; then the running requests
+are preempted (their cache rows dropped), the change runs, and they resume on the new weights by
+prefilling their prompt and the tokens they had generated.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from editserve.engine.detokenizer import IncrementalDetokenizer
-from editserve.engine.kvcache import SlotKVCache
+from editserve.engine.kvcache import SlotKVCache, default_kv_cache_bytes, kv_bytes_per_token
+from editserve.engine.limits import RequestLimits, RequestTooLarge
 from editserve.engine.request import GenerationChunk, OutputStream, PromptScores, RequestHandle
 from editserve.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from editserve.modelstore import LoadedModel
 from editserve.threads import release_thread_team
+
+if TYPE_CHECKING:
+    from editserve.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +44,16 @@ StepObserver = Callable[[int, int], None]  # (batch size, requests waiting), onc
 
 @dataclass
 class _Running:
-    """Engine-side state of one request in the batch; its index in the list is its cache row."""
+    """Engine-side state of one admitted request; while in the batch, its index in the list is
+    its cache row. A preempted request keeps it (sampler, detokenizer, tokens) to resume."""
 
     handle: RequestHandle
     sampler: Sampler
     detokenizer: IncrementalDetokenizer
-    length: int  # tokens in the cache
-    next_input: int  # the last sampled token, fed at the next step
-    generated: int = 0
+    worst: int  # cache columns it may need (prompt + max_tokens): what admission reserves
+    length: int = 0  # tokens in the cache
+    next_input: int = -1  # the last sampled token, fed at the next step
+    tokens: list[int] = field(default_factory=list)  # generated so far
 
 
 class TransformersEngine:
@@ -50,6 +64,11 @@ class TransformersEngine:
         max_model_len: int | None = None,
         prefill_token_budget: int = 4096,
         on_step: StepObserver | None = None,
+        kv_cache_bytes: int | None = None,
+        max_waiting: int = 256,
+        drain_timeout_s: float = 10.0,
+        default_max_tokens: int = 1024,
+        max_tokens_limit: int | None = None,
     ) -> None:
         self.name = loaded.name
         self.model = loaded.model
@@ -64,15 +83,52 @@ class TransformersEngine:
         self.model_version = 0
         self._decoder = self.model.base_model  # everything up to and including the final norm
         self._lm_head = self.model.get_output_embeddings()
-        self._cache = SlotKVCache(max_batch, self.max_model_len)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model)
+        if kv_cache_bytes is None:
+            kv_cache_bytes = default_kv_cache_bytes(
+                self.kv_bytes_per_token, max_batch, self.max_model_len, self.device
+            )
+        self.limits = RequestLimits(
+            self.max_model_len,
+            kv_budget_tokens=max(kv_cache_bytes // self.kv_bytes_per_token, 1),
+            max_waiting=max(max_waiting, 1),
+            default_max_tokens=max(default_max_tokens, 1),
+            max_tokens_limit=max_tokens_limit,
+        )
+        self.kv_cache_bytes = self.limits.kv_budget_tokens * self.kv_bytes_per_token
+        self.drain_timeout_s = drain_timeout_s
+        self._cache = SlotKVCache(
+            max_batch, self.max_model_len, budget_tokens=self.limits.kv_budget_tokens
+        )
         self._on_step = on_step
+        self._preempted: deque[_Running] = deque()  # resumed before anything waiting is admitted
         self._waiting: deque[RequestHandle] = deque()
+        # A group's first handle id -> its size: generations admitted together (submit_group).
+        self._groups: dict[str, int] = {}
         self._running: list[_Running] = []
-        self._exclusive: deque[tuple[Callable[[], Any], Future]] = deque()
+        # (change, its future, when it was queued): the drain timeout counts from then
+        self._exclusive: deque[tuple[Callable[[], Any], Future, float]] = deque()
         self._between: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(
+        cls, loaded: LoadedModel, settings: Settings, on_step: StepObserver | None = None
+    ) -> TransformersEngine:
+        mb = settings.kv_cache_mb
+        return cls(
+            loaded,
+            max_batch=settings.max_batch,
+            max_model_len=settings.max_model_len,
+            on_step=on_step,
+            kv_cache_bytes=None if mb is None else mb << 20,
+            max_waiting=settings.max_waiting,
+            drain_timeout_s=settings.edit_drain_timeout_s,
+            default_max_tokens=settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -87,7 +143,7 @@ class TransformersEngine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        for _, future in (*self._exclusive, *self._between):
+        for future in [f for _, f, _ in self._exclusive] + [f for _, f in self._between]:
             future.set_exception(RuntimeError("the engine stopped"))
         self._exclusive.clear()
         self._between.clear()
@@ -95,13 +151,15 @@ class TransformersEngine:
     def run_exclusive(self, fn: Callable[[], Any]) -> Future:
         """Runs `fn` on the engine thread with no request in flight: the way weights change.
 
-        Requests already running finish on the weights they started with (bounded by their
-        max_tokens); requests arriving meanwhile wait and start on the new weights. So no answer
-        ever mixes two versions of the model. `fn` may set `model_version`.
+        Requests already running finish on the weights they started with, for at most
+        `drain_timeout_s`; requests arriving meanwhile wait and start on the new weights. Past
+        the timeout the running requests are preempted: `fn` runs, and they resume on the new
+        weights (their handles then report the new `model_version`, and so do their next
+        chunks). `fn` may set `model_version`.
         """
         future: Future = Future()
         with self._wake:
-            self._exclusive.append((fn, future))
+            self._exclusive.append((fn, future, time.monotonic()))
             self._wake.notify()
         return future
 
@@ -127,7 +185,9 @@ class TransformersEngine:
     ) -> RequestHandle:
         """Queues a generation whose chunks go to `stream`. The caller checks limits first
         (`check_length`). `still_valid` is asked at admission (see `RequestHandle`); `first`
-        puts it at the head of the queue (a stale request rendered again keeps its turn)."""
+        puts it at the head of the queue (a stale request rendered again keeps its turn).
+        Not bounded by `max_waiting`: for the server's own few generations (edit checks);
+        clients' calls go through `submit_group`."""
         handle = RequestHandle(prompt_ids, params, stream, still_valid)
         with self._wake:
             if first:
@@ -137,21 +197,48 @@ class TransformersEngine:
             self._wake.notify()
         return handle
 
+    def submit_group(
+        self,
+        jobs: list[tuple[list[int], SamplingParams]],
+        stream: OutputStream,
+        still_valid: Callable[[], bool] | None = None,
+        first: bool = False,
+    ) -> list[RequestHandle]:
+        """Queues one API call's generations (prompts x n) as a group: admitted in one step,
+        all or none, so no exclusive change runs between them and they share one model version
+        (the one the call's header reports). At most `max_batch` of them. Raises
+        `RequestTooLarge` for a call the KV cache could never hold, `QueueFull` when
+        `max_waiting` generations wait."""
+        if not 1 <= len(jobs) <= self.max_batch:
+            raise ValueError(f"a group holds 1 to {self.max_batch} generations, not {len(jobs)}")
+        self._check_room(jobs, first)
+        handles = [RequestHandle(ids, params, stream, still_valid) for ids, params in jobs]
+        with self._wake:
+            if len(handles) > 1:
+                self._groups[handles[0].request_id] = len(handles)
+            if first:
+                self._waiting.extendleft(reversed(handles))
+            else:
+                self._waiting.extend(handles)
+            self._wake.notify()
+        return handles
+
+    def _check_room(self, jobs: list[tuple[list[int], SamplingParams]], first: bool) -> None:
+        with self._wake:
+            waiting = len(self._waiting)
+        self.limits.check_call([(len(ids), p.max_tokens) for ids, p in jobs], waiting, first)
+
+    def completion_budget(self, prompt_tokens: int, requested: int | None) -> int:
+        return self.limits.completion_budget(prompt_tokens, requested)
+
     def check_length(self, prompt_tokens: int, max_tokens: int) -> str | None:
-        """A person-readable reason the request can't fit the context window, or None."""
-        if prompt_tokens == 0:
-            return "the prompt is empty"
-        if prompt_tokens + max_tokens > self.max_model_len:
-            return (
-                f"this model's maximum context length is {self.max_model_len} tokens; the request "
-                f"asks for {prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, "
-                f"{max_tokens} to generate)"
-            )
-        return None
+        """A person-readable reason the request can't fit the context window, the max_tokens
+        limit or the KV-cache budget, or None."""
+        return self.limits.check_length(prompt_tokens, max_tokens)
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._preempted)
 
     @property
     def num_running(self) -> int:
@@ -166,6 +253,7 @@ class TransformersEngine:
                     while not (
                         self._stopping
                         or self._waiting
+                        or self._preempted
                         or self._running
                         or self._exclusive
                         or self._between
@@ -177,23 +265,31 @@ class TransformersEngine:
                         return
                     while self._between:  # before admitting: newcomers see the change
                         self._run_exclusive(*self._between.popleft())
+                    if self._exclusive and self._running:
+                        waited = time.monotonic() - self._exclusive[0][2]
+                        if waited >= self.drain_timeout_s:
+                            self._preempt(waited)
                     operation = (
                         self._exclusive.popleft() if self._exclusive and not self._running else None
                     )
                     # While a weight change is pending, nobody joins: the batch drains first.
-                    newcomers = [] if self._exclusive or operation else self._admit()
+                    # Preempted requests resume alone, in one step (they fit: they ran together).
+                    newcomers: list[_Running] = []
+                    if not (self._exclusive or operation):
+                        newcomers = self._resume() or [self._start(h) for h in self._admit()]
                 if operation is not None:
-                    self._run_exclusive(*operation)
+                    self._run_exclusive(*operation[:2])
                     continue
                 try:
                     self._drop_aborted()
-                    if newcomers:
-                        self._prefill(newcomers)
+                    for batch in _prefill_batches(newcomers, self.prefill_token_budget):
+                        self._prefill(batch)
                     if self._running:
                         self._decode_step()
                 except Exception as exc:  # a failed step fails its requests, not the server
                     log.exception("engine step failed")
-                    for handle in newcomers + [r.handle for r in self._running]:
+                    failed = {id(s.handle): s.handle for s in [*newcomers, *self._running]}
+                    for handle in failed.values():
                         handle.push(exc)
                     self._running.clear()
 
@@ -208,45 +304,103 @@ class TransformersEngine:
             future.set_exception(exc)
 
     def _admit(self) -> list[RequestHandle]:
-        """Takes waiting requests while batch rows and the prefill token budget allow."""
+        """Takes waiting requests while batch rows and the prefill token budget allow. A group
+        (`submit_group`) is taken whole or waits whole: a pending weight change stops admission,
+        so a group that does not fit yet starts after the change, every member on the new
+        weights."""
         admitted: list[RequestHandle] = []
         budget = self.prefill_token_budget
+        columns = max((r.worst for r in self._running), default=0)  # the KV rectangle's width
         while self._waiting and len(self._running) + len(admitted) < self.max_batch:
             handle = self._waiting[0]
             if handle.aborted:
                 self._waiting.popleft()
+                self._groups.pop(handle.request_id, None)  # its call aborted every member
                 continue
+            size = self._groups.get(handle.request_id, 1)
+            group = list(itertools.islice(self._waiting, size))
             if handle.still_valid is not None and not handle.still_valid():
-                self._waiting.popleft()  # rendered on an older edit memory: not run
-                handle.stale = True
-                handle.stream.mark_admitted()
+                for member in self._take(size):  # rendered on an older edit memory: not run
+                    member.stale = True
+                    member.stream.mark_admitted()
                 continue
-            if admitted and len(handle.prompt_ids) > budget:
+            tokens = sum(len(h.prompt_ids) for h in group)
+            if len(self._running) + len(admitted) + size > self.max_batch:
                 break
-            budget -= len(handle.prompt_ids)
-            admitted.append(self._waiting.popleft())
-            handle.model_version = self.model_version
-            handle.stream.mark_admitted()
+            if admitted and tokens > budget:
+                break
+            # Every admitted request must be able to reach its worst case within the budget.
+            worst = max(
+                self.limits.worst_case(len(h.prompt_ids), h.params.max_tokens) for h in group
+            )
+            rows = len(self._running) + len(admitted) + size
+            if rows * max(columns, worst) > self.limits.kv_budget_tokens:
+                if self._running or admitted:
+                    break  # waits until running requests leave room
+                for member in self._take(size):  # never fits: its caller skipped check_length
+                    member.stream.mark_admitted()
+                    member.push(RequestTooLarge(f"{worst} tokens exceed the KV-cache budget"))
+                continue
+            columns = max(columns, worst)
+            budget -= tokens
+            for member in self._take(size):
+                admitted.append(member)
+                member.model_version = self.model_version
+                member.stream.mark_admitted()
         return admitted
+
+    def _start(self, handle: RequestHandle) -> _Running:
+        detokenizer = IncrementalDetokenizer(self.tokenizer, handle.params.stop)
+        worst = self.limits.worst_case(len(handle.prompt_ids), handle.params.max_tokens)
+        return _Running(handle, Sampler(handle.params), detokenizer, worst)
+
+    def _preempt(self, waited: float) -> None:
+        """Drops the batch's cache rows so a pending weight change can run now; the requests
+        resume, in their order, before anything else is admitted once it has run."""
+        log.warning(
+            "a weight change waited %.1f s for %d running request(s) "
+            "(EDITSERVE_EDIT_DRAIN_TIMEOUT_S): preempted, they resume on the new weights",
+            waited,
+            len(self._running),
+        )
+        self._preempted.extend(self._running)
+        self._running.clear()
+
+    def _resume(self) -> list[_Running]:
+        """Every preempted request still wanted, on the current weights and version."""
+        resumed = [s for s in self._preempted if not s.handle.aborted]
+        self._preempted.clear()
+        for state in resumed:
+            state.handle.model_version = self.model_version
+            state.handle.preemptions += 1
+        return resumed
+
+    def _take(self, size: int) -> list[RequestHandle]:
+        """Pops the head of the queue: one request, or the `size` members of its group."""
+        self._groups.pop(self._waiting[0].request_id, None)
+        return [self._waiting.popleft() for _ in range(size)]
 
     def _drop_aborted(self) -> None:
         for row in reversed(range(len(self._running))):
             if self._running[row].handle.aborted:
                 self._remove(row)
 
-    def _prefill(self, handles: list[RequestHandle]) -> None:
-        lengths = [len(h.prompt_ids) for h in handles]
+    def _prefill(self, states: list[_Running]) -> None:
+        """Prefills new requests' prompts, and resumed ones' prompts + generated tokens."""
+        handles = [s.handle for s in states]
+        sequences = [s.handle.prompt_ids + s.tokens for s in states]
+        lengths = [len(ids) for ids in sequences]
         width = max(lengths)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor(
-            [h.prompt_ids + [pad] * (width - len(h.prompt_ids)) for h in handles],
-            device=self.device,
+            [ids + [pad] * (width - len(ids)) for ids in sequences], device=self.device
         )
         positions = torch.arange(width, device=self.device).expand(len(handles), width)
         # Right padding under a causal mask: real tokens never see the pads after them.
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         first_row = len(self._running)
-        self._cache.prepare_prefill(list(range(first_row, first_row + len(handles))), width)
+        in_use = max((r.length + 1 for r in self._running), default=0)
+        self._cache.prepare_prefill(list(range(first_row, first_row + len(handles))), width, in_use)
         hidden = self._decoder(
             input_ids=input_ids,
             attention_mask=causal.expand(len(handles), 1, width, width),
@@ -254,20 +408,14 @@ class TransformersEngine:
             cache=self._cache,
             use_cache=True,
         ).last_hidden_state
-        for i, handle in enumerate(handles):
-            self._running.append(
-                _Running(
-                    handle=handle,
-                    sampler=Sampler(handle.params),
-                    detokenizer=IncrementalDetokenizer(self.tokenizer, handle.params.stop),
-                    length=lengths[i],
-                    next_input=-1,
-                )
-            )
+        for state, n in zip(states, lengths, strict=True):
+            state.length = n
+            self._running.append(state)
         # In reverse, so that retiring a request never moves a row still to visit.
         for i in reversed(range(len(handles))):
             handle, n = handles[i], lengths[i]
-            wants_scores = handle.params.prompt_logprobs is not None
+            # A resumed request scored its prompt before; its logits continue from its tokens.
+            wants_scores = handle.params.prompt_logprobs is not None and not states[i].tokens
             rows = hidden[i, :n] if wants_scores else hidden[i, n - 1 : n]
             logits = self._lm_head(rows).float()
             if wants_scores:
@@ -308,7 +456,7 @@ class TransformersEngine:
         state = self._running[row]
         params = state.handle.params
         token = state.sampler.sample(logits)
-        state.generated += 1
+        state.tokens.append(token)
         state.next_input = token
         logprobs = None
         if params.logprobs is not None:
@@ -320,10 +468,11 @@ class TransformersEngine:
             state.detokenizer.add(token)
             if state.detokenizer.stopped:
                 finish = "stop"
-            elif state.generated >= params.max_tokens or state.length + 1 >= self.max_model_len:
+            elif len(state.tokens) >= params.max_tokens or state.length + 1 >= self.max_model_len:
                 finish = "length"
         text = state.detokenizer.release(final=finish is not None)
-        state.handle.push(GenerationChunk(text, [token], logprobs, finish))
+        chunk = GenerationChunk(text, [token], logprobs, finish, state.handle.model_version)
+        state.handle.push(chunk)
         if finish is not None:
             self._remove(row)
 
@@ -334,6 +483,22 @@ class TransformersEngine:
             self._cache.move_row(last, row, self._running[last].length)
             self._running[row] = self._running[last]
         self._running.pop()
+
+
+def _prefill_batches(states: list[_Running], budget: int) -> list[list[_Running]]:
+    """One admission in prefills of at most `budget` prompt tokens (a longer prompt goes alone):
+    a group admitted whole still prefills in bounded memory, all within one engine step. A
+    resumed request's prompt includes the tokens it had generated."""
+    batches: list[list[_Running]] = []
+    tokens = 0
+    for state in states:
+        size = len(state.handle.prompt_ids) + len(state.tokens)
+        if not batches or tokens + size > budget:
+            batches.append([])
+            tokens = 0
+        batches[-1].append(state)
+        tokens += size
+    return batches
 
 
 def _prompt_scores(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> PromptScores:
