@@ -114,16 +114,26 @@ def sampled_moments(
         done = 0
         while done < n_rows:
             b = min(batch, n_rows - done)
-            _sample(ctx, start, b, seq_len, generator)
+            # A batch takes minutes on a small CPU: progress after each of its steps.
+            step_done = None
+            if progress is not None:
+
+                def step_done(step: int, before: int = done * seq_len, b: int = b) -> None:
+                    progress(before + b * step, n_rows * seq_len)
+
+            _sample(ctx, start, b, seq_len, generator, step_done)
             done += b
             bar.update(b * seq_len)
-            if progress is not None:
-                progress(done * seq_len, n_rows * seq_len)
     return acc.moments()
 
 
 def _sample(
-    ctx: EditContext, start: int, batch: int, length: int, generator: torch.Generator
+    ctx: EditContext,
+    start: int,
+    batch: int,
+    length: int,
+    generator: torch.Generator,
+    on_step: Callable[[int], None] | None = None,
 ) -> None:
     from transformers import DynamicCache
 
@@ -143,6 +153,8 @@ def _sample(
             )
             probs = torch.softmax(logits, -1).cpu()
             ids = torch.multinomial(probs, 1, generator=generator).to(ctx.device)
+            if on_step is not None:
+                on_step(step + 1)  # steps done
 
 
 class _Accumulator:

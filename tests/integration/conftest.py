@@ -44,6 +44,8 @@ class LiveServer:
             **os.environ,
             "EDITSERVE_API_KEY": API_KEY,
             "EDITSERVE_STATE_DIR": str(self.state_dir),
+            # Start-up statistics (minutes of CPU on a first run) only where a test asks.
+            "EDITSERVE_STATS_AT_START": "false",
             **self.extra_env,
         }
         with self.log_path.open("w") as log:

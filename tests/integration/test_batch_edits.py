@@ -3,6 +3,7 @@ unrelated answers stay, DELETE restores them, a restart keeps an edit."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -31,11 +32,12 @@ METHODS = ["memit", "alphaedit", "ft"]
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    # Few tokens of self-sampled statistics keep the first MEMIT edit quick in CI.
+    # Few tokens of self-sampled statistics keep start-up quick in CI; computed in the
+    # background at start-up, as a user's server does.
     server = LiveServer(
         tmp_path_factory.mktemp("batch-state"),
         tmp_path_factory.mktemp("logs"),
-        env={"EDITSERVE_STATS_TOKENS": "2048"},
+        env={"EDITSERVE_STATS_TOKENS": "2048", "EDITSERVE_STATS_AT_START": "true"},
     )
     server.start()
     try:
@@ -48,6 +50,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def before(live: LiveServer) -> dict[str, str]:
     questions = [f["prompt"] for f in FACTS] + FACTS[0]["rephrase"] + UNRELATED
     return {q: ask(live.url, q)[0] for q in questions}
+
+
+def test_start_up_computes_the_statistics_in_the_background(live: LiveServer) -> None:
+    # Served at once (the server answered /health to start), statistics ready soon after.
+    deadline, stats = time.monotonic() + 600, {}  # as long as an edit request may take
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{live.url}/health").json()["stats"]
+        if stats["state"] not in ("idle", "computing"):
+            break
+        time.sleep(1)
+    assert stats["state"] == "ready" and stats["layers"], stats
+    assert "statistics of layers" in live.log_path.read_text()
 
 
 def post(url: str, method: str, facts: list[dict], **extra: object) -> dict:

@@ -211,3 +211,17 @@ def test_two_services_keep_their_own_eigendecompositions(
     del first
     gc.collect()
     assert gone() is None
+
+
+def test_sampling_reports_progress_after_every_step() -> None:
+    loaded = tiny_model("llama")
+    ctx = EditContext(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        arch=resolve(loaded.model),
+        chat_prompt=lambda q: [],
+    )
+    seen: list[tuple[int, int]] = []
+    sampled_moments(ctx, LAYERS, 3 * 8, 8, seed=0, batch=2, progress=lambda *p: seen.append(p))
+    # Rows of 8 tokens in batches of 2 rows, then 1: 2 tokens a step, then 1.
+    assert seen == [(2 * i, 24) for i in range(1, 9)] + [(16 + i, 24) for i in range(1, 9)]
