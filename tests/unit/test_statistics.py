@@ -225,3 +225,22 @@ def test_sampling_reports_progress_after_every_step() -> None:
     sampled_moments(ctx, LAYERS, 3 * 8, 8, seed=0, batch=2, progress=lambda *p: seen.append(p))
     # Rows of 8 tokens in batches of 2 rows, then 1: 2 tokens a step, then 1.
     assert seen == [(2 * i, 24) for i in range(1, 9)] + [(16 + i, 24) for i in range(1, 9)]
+
+
+def test_a_failed_start_up_computation_is_shown_and_retried_by_the_next_edit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edits = service(tiny_model("llama"), tmp_path / "state", tmp_path / "stats")
+    real = StatsCache.get
+    monkeypatch.setattr(StatsCache, "get", lambda *a, **k: (_ for _ in ()).throw(OSError("full")))
+    started = edits.statistics.start(LAYERS)
+    with pytest.raises(OSError):
+        started.result(timeout=60)
+    assert edits.statistics.status() == {
+        "state": "failed",
+        "layers": LAYERS,
+        "error": "OSError('full')",
+    }
+    monkeypatch.setattr(StatsCache, "get", real)
+    assert_same(edits.second_moments(LAYERS), pristine_moments())
+    assert edits.statistics.status()["state"] == "ready"
