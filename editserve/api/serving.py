@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from editserve.api.errors import APIError, ClientDisconnected, bad_request, error_body
+from editserve.api.offsets import OffsetTracker, PromptText, generated_offsets
 from editserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from editserve.edits.memory_edits import MemoryEdits
 from editserve.engine.request import GenerationResult, OutputStream
@@ -200,14 +201,14 @@ class OpenAIServing:
             )
         if req.echo and req.stream:
             raise bad_request("echo is not supported with stream", param="echo")
-        budgets = [self._max_tokens(req.max_tokens, len(p)) for p in prompts]
+        budgets = [self._max_tokens(req.max_tokens, len(p.ids)) for p in prompts]
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        per_choice = [p for p in prompts for _ in range(req.n)]
+        per_choice = [p.ids for p in prompts for _ in range(req.n)]
         stream = self._submit(
             per_choice,
             lambda i: req.sampling_params(budgets[i // req.n], i, req.logprobs, prompt_logprobs),
         )
-        prompt_tokens = sum(len(p) for p in prompts)
+        prompt_tokens = sum(len(p.ids) for p in prompts)
         meta = _meta("cmpl", "text_completion", self.model_name)
         if req.stream:
             started = time.monotonic()
@@ -217,13 +218,17 @@ class OpenAIServing:
         results = await self._collect(http, stream)
         choices = []
         for handle, result in zip(stream.handles, results, strict=True):
-            text, logprobs = result.text, None
+            text, logprobs, offsets = result.text, None, []
             if req.echo:
-                text = self.tokenizer.decode(handle.prompt_ids, skip_special_tokens=False) + text
+                echoed, offsets = prompts[handle.index // req.n].echo(self.tokenizer)
+                text = echoed + text
             if req.logprobs is not None:
                 scored = handle.prompt_scores.logprobs if handle.prompt_scores else []
+                generated = result.logprobs or []
+                ids, start = [lp.token_id for lp in generated], len(text) - len(result.text)
+                offsets = offsets + generated_offsets(self.tokenizer, ids, result.text, start)
                 logprobs = self._completion_logprobs(
-                    handle.prompt_ids if req.echo else [], scored, result.logprobs or []
+                    handle.prompt_ids if req.echo else [], scored, generated, offsets
                 )
             choices.append(
                 {
@@ -236,17 +241,17 @@ class OpenAIServing:
         body = {**meta, "choices": choices, "usage": self._usage(prompt_tokens, results)}
         return JSONResponse(body, headers=_version(stream))
 
-    def _tokenize_prompts(self, prompt: str | list) -> list[list[int]]:
+    def _tokenize_prompts(self, prompt: str | list) -> list[PromptText]:
         if isinstance(prompt, str):
-            prompts: list[list[int]] = [self.tokenizer.encode(prompt)]
+            prompts = [PromptText.encode(self.tokenizer, prompt)]
         elif all(isinstance(p, str) for p in prompt):
-            prompts = [self.tokenizer.encode(p) for p in prompt]
+            prompts = [PromptText.encode(self.tokenizer, p) for p in prompt]
         elif all(isinstance(p, int) for p in prompt):
-            prompts = [list(prompt)]
+            prompts = [PromptText(list(prompt))]
         else:
-            prompts = [list(p) for p in prompt]
+            prompts = [PromptText(list(p)) for p in prompt]
         vocab = len(self.tokenizer)
-        for ids in prompts:
+        for ids in (p.ids for p in prompts):
             if not ids:
                 raise bad_request("a prompt is empty", param="prompt")
             if any(not 0 <= t < vocab for t in ids):
@@ -263,13 +268,16 @@ class OpenAIServing:
     ) -> AsyncIterator[dict]:
         extra = {"usage": None} if req.include_usage() else {}
         results = [GenerationResult() for _ in stream.handles]
+        # Offsets run on across a choice's chunks (into its whole text), as in one answer.
+        trackers = [OffsetTracker(self.tokenizer, skip_special_tokens=True) for _ in results]
         async for index, chunk in self._timed(stream, started):
             results[index].add(chunk)
             if not chunk.text and chunk.finish_reason is None and chunk.logprobs is None:
                 continue
             logprobs = None
             if chunk.logprobs is not None:
-                logprobs = self._completion_logprobs([], [], chunk.logprobs)
+                offsets = [trackers[index].add(lp.token_id) for lp in chunk.logprobs]
+                logprobs = self._completion_logprobs([], [], chunk.logprobs, offsets)
             choice = {
                 "index": index,
                 "text": chunk.text,
@@ -285,8 +293,10 @@ class OpenAIServing:
         prompt_ids: list[int],
         prompt_scored: list[TokenLogprob],
         generated: list[TokenLogprob],
+        offsets: list[int],
     ) -> dict:
-        """The legacy completions shape. With echo, the first prompt token has no logprob."""
+        """The legacy completions shape. With echo, the first prompt token has no logprob.
+        `offsets`: each token's `text_offset` (editserve.api.offsets)."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         top: list[dict[str, float] | None] = []
@@ -298,10 +308,6 @@ class OpenAIServing:
             tokens.append(self.tokenizer.decode([lp.token_id]))
             token_logprobs.append(lp.logprob)
             top.append({self.tokenizer.decode([t]): v for t, v in lp.top})
-        offsets, at = [], 0
-        for token in tokens:
-            offsets.append(at)
-            at += len(token)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
