@@ -36,6 +36,10 @@ CONTEXT_PREFIXES: tuple[str, ...] = (
     "Help me with this one.",
 )
 
+# The most optimisation steps an edit may ask for (`steps`): each is a forward and backward pass
+# under the edit lock; the configs use 25-40 and converge in fewer.
+MAX_STEPS = 500
+
 # Questions about the subject itself whose answers the KL ("essence") term keeps in place.
 ESSENCE_QUESTIONS: tuple[str, ...] = ("What is {}?", "Tell me about {}.")
 

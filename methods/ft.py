@@ -17,6 +17,7 @@ from torch import nn
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
+    MAX_STEPS,
     causal_mask,
     chat_sequence,
     context_questions,
@@ -43,8 +44,8 @@ def load_ft_hparams(
     problems = []
     if not 0 <= (h.layer or 0) < num_layers:
         problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if h.steps < 1:
-        problems.append(f"steps must be at least 1, not {h.steps}")
+    if not 1 <= h.steps <= MAX_STEPS:
+        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
     if not 1 <= h.n_contexts <= 10:
         problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
     for name in ("lr", "norm_constraint"):

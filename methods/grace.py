@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from memory.codebook import Codebook
 from memory.value_training import train_value
 from methods.base import EditContext, EditRequest
-from methods.common import ChatSequence, target_ids
+from methods.common import MAX_STEPS, ChatSequence, target_ids
 from methods.hparams import load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload
 from methods.values import SuffixReplay
@@ -61,8 +61,8 @@ def load_grace_hparams(
         problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
     if not h.radius > 0:
         problems.append(f"radius must be positive, not {h.radius}")
-    if not 1 <= h.steps <= 500:
-        problems.append(f"steps must be in 1..500, not {h.steps}")
+    if not 1 <= h.steps <= MAX_STEPS:
+        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
     if not h.lr > 0:
         problems.append(f"lr must be positive, not {h.lr}")
     if not h.stop_below >= 0:

@@ -27,6 +27,7 @@ from torch import nn
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
     ESSENCE_QUESTIONS,
+    MAX_STEPS,
     ChatSequence,
     added_low_rank,
     causal_mask,
@@ -71,8 +72,8 @@ def check_common(h: TargetHyperParams, num_layers: int) -> list[str]:
         problems.append(f"layers must be in 0..{num_layers - 1}, not {list(layers)}")
     if len(set(layers)) != len(layers):
         problems.append(f"layers must not repeat, not {list(layers)}")
-    if h.steps < 1:
-        problems.append(f"steps must be at least 1, not {h.steps}")
+    if not 1 <= h.steps <= MAX_STEPS:
+        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
     if not 1 <= h.n_contexts <= 10:
         problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
     if not 0 <= h.n_essence <= len(ESSENCE_QUESTIONS):

@@ -31,6 +31,7 @@ import torch
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
     ESSENCE_QUESTIONS,
+    MAX_STEPS,
     NEUTRAL_QUESTIONS,
     ChatSequence,
     added_low_rank,
@@ -69,8 +70,8 @@ def _check(h: RomeHyperParams, num_layers: int) -> None:
     problems = []
     if not 0 <= h.layer < num_layers:
         problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if h.steps < 1:
-        problems.append(f"steps must be at least 1, not {h.steps}")
+    if not 1 <= h.steps <= MAX_STEPS:
+        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
     if not 1 <= h.n_contexts <= 10:
         problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
     for name in ("lr", "clamp_norm_factor", "cov_ridge"):

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from editserve.engine.sampling import SamplingParams
+
+# Each paraphrase and locality probe of an edit request is answered before and after the edit
+# (two greedy generations each, under the edit lock): bounded so one request can't hold it long.
+MAX_REPHRASE = 16
+MAX_LOCALITY = 16
+MAX_PROBE_CHARS = 2000  # as the service bounds an edit's prompt (MAX_PROMPT_CHARS)
+# Prompts per /v1/completions call: the most any server admits at once (max_batch is at most
+# 256); the server's own max_batch bounds prompts x n (serving.py).
+MAX_PROMPTS = 256
 
 
 class APIModel(BaseModel):
@@ -141,6 +151,13 @@ class CompletionRequest(_SamplingFields):
     def _not_empty(cls, prompt: Any) -> Any:
         if isinstance(prompt, list) and not prompt:
             raise ValueError("the prompt list is empty")
+        several = isinstance(prompt, list) and not isinstance(prompt[0], int)  # not one id list
+        if several and len(prompt) > MAX_PROMPTS:
+            raise PydanticCustomError(
+                "too_many_prompts",
+                "at most {limit} prompts per call, not {count}",
+                {"limit": MAX_PROMPTS, "count": len(prompt)},
+            )
         return prompt
 
 
@@ -163,8 +180,36 @@ class EditRequestIn(APIModel):
     subject: str = Field(description="whose fact changes, e.g. 'Eiffel Tower'")
     target_new: str | None = Field(None, description="the new answer; erase defaults to a refusal")
     target_true: str | None = Field(None, description="the current answer, for the record")
-    rephrase: OneOrMany = Field(None, description="paraphrases to check the edit on")
-    locality: OneOrMany = Field(None, description="unrelated prompts whose answers must not move")
+    rephrase: OneOrMany = Field(
+        None, description=f"paraphrases to check the edit on (at most {MAX_REPHRASE})"
+    )
+    locality: OneOrMany = Field(
+        None,
+        description=f"unrelated prompts whose answers must not move (at most {MAX_LOCALITY})",
+    )
+
+    @field_validator("rephrase", "locality")
+    @classmethod
+    def _bounded(cls, value: OneOrMany, info: ValidationInfo) -> OneOrMany:
+        items = [value] if isinstance(value, str) else list(value or [])
+        limit, what = {
+            "rephrase": (MAX_REPHRASE, "paraphrases"),
+            "locality": (MAX_LOCALITY, "locality prompts"),
+        }[info.field_name or ""]
+        if len(items) > limit:
+            raise PydanticCustomError(
+                "too_many_probes",
+                "at most {limit} {what} per request (each is answered before and after the "
+                "edit), not {count}",
+                {"limit": limit, "what": what, "count": len(items)},
+            )
+        if any(len(item) > MAX_PROBE_CHARS for item in items):
+            raise PydanticCustomError(
+                "probe_too_long",
+                "each of the {what} may have at most {limit} characters",
+                {"what": what, "limit": MAX_PROBE_CHARS},
+            )
+        return value
 
     def as_dict(self) -> dict:
         def many(value: OneOrMany) -> list[str]:
