@@ -1,9 +1,9 @@
 """The live model on transformers, with continuous batching.
 
-One background thread owns the model. Each iteration it admits waiting requests (one batched
-prefill, right-padded), then runs one decode step for every running request. Requests join and
-leave between steps; each owns one row of a `SlotKVCache`, so nothing is recomputed and nothing
-is copied per step. Callers on the event loop get a `RequestHandle` to iterate.
+One background thread owns the model. Each iteration it prefills the requests its `Scheduler`
+admits (batched, right-padded), then runs one decode step for every running request. Requests
+join and leave between steps; each owns one row of a `SlotKVCache`, so nothing is recomputed and
+nothing is copied per step. Callers on the event loop get a `RequestHandle` to iterate.
 
 Memory is bounded: a request is admitted only when the KV cache can hold its worst case next to
 the running ones' (see `SlotKVCache`), and the waiting queue has a length limit (`QueueFull`).
@@ -14,23 +14,22 @@ prefilling their prompt and the tokens they had generated.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from editserve.engine.detokenizer import IncrementalDetokenizer
 from editserve.engine.kvcache import SlotKVCache, default_kv_cache_bytes, kv_bytes_per_token
-from editserve.engine.limits import RequestLimits, RequestTooLarge
+from editserve.engine.limits import RequestLimits
 from editserve.engine.request import GenerationChunk, OutputStream, PromptScores, RequestHandle
 from editserve.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
+from editserve.engine.scheduler import RunningRequest, Scheduler
 from editserve.modelstore import LoadedModel
 from editserve.threads import release_thread_team
 
@@ -40,20 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StepObserver = Callable[[int, int], None]  # (batch size, requests waiting), once per decode step
-
-
-@dataclass
-class _Running:
-    """Engine-side state of one admitted request; while in the batch, its index in the list is
-    its cache row. A preempted request keeps it (sampler, detokenizer, tokens) to resume."""
-
-    handle: RequestHandle
-    sampler: Sampler
-    detokenizer: IncrementalDetokenizer
-    worst: int  # cache columns it may need (prompt + max_tokens): what admission reserves
-    length: int = 0  # tokens in the cache
-    next_input: int = -1  # the last sampled token, fed at the next step
-    tokens: list[int] = field(default_factory=list)  # generated so far
 
 
 class TransformersEngine:
@@ -101,15 +86,13 @@ class TransformersEngine:
             max_batch, self.max_model_len, budget_tokens=self.limits.kv_budget_tokens
         )
         self._on_step = on_step
-        self._preempted: deque[_Running] = deque()  # resumed before anything waiting is admitted
-        self._waiting: deque[RequestHandle] = deque()
-        # A group's first handle id -> its size: generations admitted together (submit_group).
-        self._groups: dict[str, int] = {}
-        self._running: list[_Running] = []
+        self._running: list[RunningRequest] = []  # the batch: index = cache row
         # (change, its future, when it was queued): the drain timeout counts from then
         self._exclusive: deque[tuple[Callable[[], Any], Future, float]] = deque()
         self._between: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
+        # One condition for both: a queued request and a queued change each wake the loop.
+        self._scheduler = Scheduler(self.limits, max_batch, self.prefill_token_budget, self._wake)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -188,14 +171,7 @@ class TransformersEngine:
         puts it at the head of the queue (a stale request rendered again keeps its turn).
         Not bounded by `max_waiting`: for the server's own few generations (edit checks);
         clients' calls go through `submit_group`."""
-        handle = RequestHandle(prompt_ids, params, stream, still_valid)
-        with self._wake:
-            if first:
-                self._waiting.appendleft(handle)
-            else:
-                self._waiting.append(handle)
-            self._wake.notify()
-        return handle
+        return self._scheduler.submit(prompt_ids, params, stream, still_valid, first)
 
     def submit_group(
         self,
@@ -209,24 +185,7 @@ class TransformersEngine:
         (the one the call's header reports). At most `max_batch` of them. Raises
         `RequestTooLarge` for a call the KV cache could never hold, `QueueFull` when
         `max_waiting` generations wait."""
-        if not 1 <= len(jobs) <= self.max_batch:
-            raise ValueError(f"a group holds 1 to {self.max_batch} generations, not {len(jobs)}")
-        self._check_room(jobs, first)
-        handles = [RequestHandle(ids, params, stream, still_valid) for ids, params in jobs]
-        with self._wake:
-            if len(handles) > 1:
-                self._groups[handles[0].request_id] = len(handles)
-            if first:
-                self._waiting.extendleft(reversed(handles))
-            else:
-                self._waiting.extend(handles)
-            self._wake.notify()
-        return handles
-
-    def _check_room(self, jobs: list[tuple[list[int], SamplingParams]], first: bool) -> None:
-        with self._wake:
-            waiting = len(self._waiting)
-        self.limits.check_call([(len(ids), p.max_tokens) for ids, p in jobs], waiting, first)
+        return self._scheduler.submit_group(jobs, stream, still_valid, first)
 
     def completion_budget(self, prompt_tokens: int, requested: int | None) -> int:
         return self.limits.completion_budget(prompt_tokens, requested)
@@ -238,7 +197,7 @@ class TransformersEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + len(self._preempted)
+        return self._scheduler.num_waiting
 
     @property
     def num_running(self) -> int:
@@ -252,8 +211,7 @@ class TransformersEngine:
                 with self._wake:
                     while not (
                         self._stopping
-                        or self._waiting
-                        or self._preempted
+                        or self._scheduler.num_waiting
                         or self._running
                         or self._exclusive
                         or self._between
@@ -268,21 +226,25 @@ class TransformersEngine:
                     if self._exclusive and self._running:
                         waited = time.monotonic() - self._exclusive[0][2]
                         if waited >= self.drain_timeout_s:
-                            self._preempt(waited)
+                            self._scheduler.preempt(self._running, waited)
+                            self._running.clear()  # their cache rows are free for others
                     operation = (
                         self._exclusive.popleft() if self._exclusive and not self._running else None
                     )
                     # While a weight change is pending, nobody joins: the batch drains first.
                     # Preempted requests resume alone, in one step (they fit: they ran together).
-                    newcomers: list[_Running] = []
+                    newcomers: list[RunningRequest] = []
                     if not (self._exclusive or operation):
-                        newcomers = self._resume() or [self._start(h) for h in self._admit()]
+                        version = self.model_version
+                        newcomers = self._scheduler.resume(version) or [
+                            self._start(h) for h in self._scheduler.admit(self._running, version)
+                        ]
                 if operation is not None:
                     self._run_exclusive(*operation[:2])
                     continue
                 try:
                     self._drop_aborted()
-                    for batch in _prefill_batches(newcomers, self.prefill_token_budget):
+                    for batch in self._scheduler.prefill_batches(newcomers):
                         self._prefill(batch)
                     if self._running:
                         self._decode_step()
@@ -303,89 +265,17 @@ class TransformersEngine:
         except BaseException as exc:  # the caller gets it; the engine goes on serving
             future.set_exception(exc)
 
-    def _admit(self) -> list[RequestHandle]:
-        """Takes waiting requests while batch rows and the prefill token budget allow. A group
-        (`submit_group`) is taken whole or waits whole: a pending weight change stops admission,
-        so a group that does not fit yet starts after the change, every member on the new
-        weights."""
-        admitted: list[RequestHandle] = []
-        budget = self.prefill_token_budget
-        columns = max((r.worst for r in self._running), default=0)  # the KV rectangle's width
-        while self._waiting and len(self._running) + len(admitted) < self.max_batch:
-            handle = self._waiting[0]
-            if handle.aborted:
-                self._waiting.popleft()
-                self._groups.pop(handle.request_id, None)  # its call aborted every member
-                continue
-            size = self._groups.get(handle.request_id, 1)
-            group = list(itertools.islice(self._waiting, size))
-            if handle.still_valid is not None and not handle.still_valid():
-                for member in self._take(size):  # rendered on an older edit memory: not run
-                    member.stale = True
-                    member.stream.mark_admitted()
-                continue
-            tokens = sum(len(h.prompt_ids) for h in group)
-            if len(self._running) + len(admitted) + size > self.max_batch:
-                break
-            if admitted and tokens > budget:
-                break
-            # Every admitted request must be able to reach its worst case within the budget.
-            worst = max(
-                self.limits.worst_case(len(h.prompt_ids), h.params.max_tokens) for h in group
-            )
-            rows = len(self._running) + len(admitted) + size
-            if rows * max(columns, worst) > self.limits.kv_budget_tokens:
-                if self._running or admitted:
-                    break  # waits until running requests leave room
-                for member in self._take(size):  # never fits: its caller skipped check_length
-                    member.stream.mark_admitted()
-                    member.push(RequestTooLarge(f"{worst} tokens exceed the KV-cache budget"))
-                continue
-            columns = max(columns, worst)
-            budget -= tokens
-            for member in self._take(size):
-                admitted.append(member)
-                member.model_version = self.model_version
-                member.stream.mark_admitted()
-        return admitted
-
-    def _start(self, handle: RequestHandle) -> _Running:
+    def _start(self, handle: RequestHandle) -> RunningRequest:
         detokenizer = IncrementalDetokenizer(self.tokenizer, handle.params.stop)
         worst = self.limits.worst_case(len(handle.prompt_ids), handle.params.max_tokens)
-        return _Running(handle, Sampler(handle.params), detokenizer, worst)
-
-    def _preempt(self, waited: float) -> None:
-        """Drops the batch's cache rows so a pending weight change can run now; the requests
-        resume, in their order, before anything else is admitted once it has run."""
-        log.warning(
-            "a weight change waited %.1f s for %d running request(s) "
-            "(EDITSERVE_EDIT_DRAIN_TIMEOUT_S): preempted, they resume on the new weights",
-            waited,
-            len(self._running),
-        )
-        self._preempted.extend(self._running)
-        self._running.clear()
-
-    def _resume(self) -> list[_Running]:
-        """Every preempted request still wanted, on the current weights and version."""
-        resumed = [s for s in self._preempted if not s.handle.aborted]
-        self._preempted.clear()
-        for state in resumed:
-            state.handle.model_version = self.model_version
-            state.handle.preemptions += 1
-        return resumed
-
-    def _take(self, size: int) -> list[RequestHandle]:
-        """Pops the head of the queue: one request, or the `size` members of its group."""
-        self._groups.pop(self._waiting[0].request_id, None)
-        return [self._waiting.popleft() for _ in range(size)]
+        return RunningRequest(handle, Sampler(handle.params), detokenizer, worst)
 
     def _drop_aborted(self) -> None:
         for row in reversed(range(len(self._running))):
             if self._running[row].handle.aborted:
                 self._remove(row)
 
-    def _prefill(self, states: list[_Running]) -> None:
+    def _prefill(self, states: list[RunningRequest]) -> None:
         """Prefills new requests' prompts, and resumed ones' prompts + generated tokens."""
         handles = [s.handle for s in states]
         sequences = [s.handle.prompt_ids + s.tokens for s in states]
@@ -432,7 +322,7 @@ class TransformersEngine:
         batch = self._running
         lengths = [r.length for r in batch]
         if self._on_step is not None:
-            self._on_step(len(batch), len(self._waiting))
+            self._on_step(len(batch), self._scheduler.num_queued)
         self._cache.prepare_decode(lengths)
         width = max(lengths) + 1
         lengths_t = torch.tensor(lengths, device=self.device)
@@ -483,22 +373,6 @@ class TransformersEngine:
             self._cache.move_row(last, row, self._running[last].length)
             self._running[row] = self._running[last]
         self._running.pop()
-
-
-def _prefill_batches(states: list[_Running], budget: int) -> list[list[_Running]]:
-    """One admission in prefills of at most `budget` prompt tokens (a longer prompt goes alone):
-    a group admitted whole still prefills in bounded memory, all within one engine step. A
-    resumed request's prompt includes the tokens it had generated."""
-    batches: list[list[_Running]] = []
-    tokens = 0
-    for state in states:
-        size = len(state.handle.prompt_ids) + len(state.tokens)
-        if not batches or tokens + size > budget:
-            batches.append([])
-            tokens = 0
-        batches[-1].append(state)
-        tokens += size
-    return batches
 
 
 def _prompt_scores(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> PromptScores:
