@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from editserve import client_cli, scope_cli
 from editserve.config import ConfigError, Settings
 from editserve.eval import cli as eval_cli
+from methods.hparams import MissingDefaults
 
 log = logging.getLogger("editserve")
 
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValidationError, FileNotFoundError, ValueError) as exc:
+    # MissingDefaults: an install without the method configs says so in one line, no traceback.
+    except (ConfigError, ValidationError, FileNotFoundError, ValueError, MissingDefaults) as exc:
         print(f"editserve: {exc}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from editserve.config import Settings
 from editserve.eval.datasets import EvalRecord, load
 from editserve.eval.splits import REPORT_RECORDS, add_force_argument, check_tuning, is_train_file
 
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
             f"too few usable records ({len(held)} to calibrate, {len(fitted)} to train; a record "
             "needs one edit request and a paraphrase)"
         )
-    encoder = SentenceEncoder()
+    # The encoder files the server loads (EDITSERVE_MEMORY_ENCODER_DIR, else the package's).
+    encoder = SentenceEncoder(Settings().memory_encoder_dir)
     classifier = train(EmbeddedExamples.embed(encoder, fitted), epochs=args.epochs, seed=args.seed)
     held_out = EmbeddedExamples.embed(encoder, held)
     chosen, table = calibrate(classifier_scores(classifier, held_out))

@@ -57,3 +57,20 @@ def test_a_server_without_its_configs_refuses_to_start(
     engine = TransformersEngine(tiny_model("llama"))
     with pytest.raises(MissingDefaults, match="no .* hyperparameter defaults for model family"):
         EditService(engine, Journal(tmp_path / "state"))
+
+
+def test_serve_without_its_configs_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from editserve import cli
+    from editserve.config import Settings
+    from tests.conftest import build_test_app
+
+    def build_server(settings: Settings):  # noqa: ANN202 (the real composition, a tiny model)
+        return build_test_app(tiny_model("llama"), tmp_path / "state")
+
+    monkeypatch.setattr(hparams, "CONFIG_ROOT", tmp_path / "nowhere")
+    monkeypatch.setattr(cli, "build_server", build_server)
+    assert cli.main(["serve"]) == 2  # no traceback: the exit code and one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("editserve: ") and "defaults" in err[0]
