@@ -161,7 +161,12 @@ class OpenAIServing:
         extra = {"usage": None} if usage else {}
         for handle in stream.handles:
             delta = {"role": "assistant", "content": ""}
-            yield {**meta, "choices": [_chunk_choice(handle.index, delta)], **extra}
+            yield {
+                **meta,
+                **_fingerprint(handle.model_version),
+                "choices": [_chunk_choice(handle.index, delta)],
+                **extra,
+            }
         results = [GenerationResult() for _ in stream.handles]
         async for index, chunk in self._timed(stream, started):
             results[index].add(chunk)
@@ -170,7 +175,7 @@ class OpenAIServing:
                 continue  # text held back (a possible stop string, a partial character)
             logprobs = self._chat_logprobs(chunk.logprobs)
             choice = _chunk_choice(index, delta, chunk.finish_reason, logprobs)
-            yield {**meta, "choices": [choice], **extra}
+            yield {**meta, **_fingerprint(chunk.model_version), "choices": [choice], **extra}
         if usage:
             yield {**meta, "choices": [], "usage": self._usage(prompt_tokens, results)}
 
@@ -284,7 +289,7 @@ class OpenAIServing:
                 "logprobs": logprobs,
                 "finish_reason": chunk.finish_reason,
             }
-            yield {**meta, "choices": [choice], **extra}
+            yield {**meta, **_fingerprint(chunk.model_version), "choices": [choice], **extra}
         if req.include_usage():
             yield {**meta, "choices": [], "usage": self._usage(prompt_tokens, results)}
 
@@ -394,6 +399,13 @@ def _version(stream: OutputStream) -> dict[str, str]:
     """The model version every generation of this call ran on (the engine never mixes two),
     or, for a call preempted by a weight edit, the version it finished on (the newest)."""
     return {VERSION_HEADER: str(max(h.model_version for h in stream.handles))}
+
+
+def _fingerprint(model_version: int) -> dict[str, str]:
+    """OpenAI's `system_fingerprint`, per streamed chunk: the version that produced it. The
+    header is sent before the first token, and a drain-timeout preemption can move a running
+    request onto a newer version after that (editserve.engine.scheduler)."""
+    return {"system_fingerprint": f"editserve-v{model_version}"}
 
 
 def _meta(prefix: str, obj: str, model: str) -> dict[str, Any]:

@@ -106,3 +106,46 @@ def test_an_answer_preempted_by_a_weight_change_reports_the_new_version(tmp_path
         assert r.status_code == 200, r.text
         assert r.headers["x-editserve-model-version"] == "1"
         assert r.json()["usage"]["completion_tokens"] == 400
+
+
+def test_a_streamed_answer_preempted_by_a_weight_change_names_each_chunks_version(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    with make_client(tmp_path, edit_drain_timeout_s=0.05) as client:
+        engine = client.app.state.editserve.engine
+        events: list[dict] = []
+
+        def stream() -> int:
+            with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "Hi there"}],
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "max_tokens": 400,
+                    "stream": True,
+                },
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        events.append(json.loads(line[len("data: ") :]))
+                return int(r.headers["x-editserve-model-version"])
+
+        worker, header = in_thread(stream)
+        wait_for(lambda: engine.num_running == 1 and len(events) > 2)
+
+        def change() -> int:
+            engine.model_version += 1
+            return engine.num_running
+
+        assert engine.run_exclusive(change).result(timeout=30) == 0
+        worker.join(60)
+        assert header == [0]  # sent with the first token, before the change
+        prints = [e["system_fingerprint"] for e in events]
+        assert prints[0] == "editserve-v0" and prints[-1] == "editserve-v1"
+        # Chunks move from the old version to the new once, never back.
+        assert prints == sorted(prints, key=lambda p: int(p.rsplit("v", 1)[1]))
