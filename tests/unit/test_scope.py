@@ -141,7 +141,8 @@ def test_train_scope_writes_a_calibrated_classifier(
 ) -> None:
     from tests.unit.test_memory_edits_api import BagOfWords
 
-    monkeypatch.setattr("memory.encoder.SentenceEncoder", BagOfWords)
+    # train-scope passes the encoder folder setting; the stand-in needs none.
+    monkeypatch.setattr("memory.encoder.SentenceEncoder", lambda *a, **k: BagOfWords())
     data = tmp_path / "zsre_train.json"  # a training file: every record may tune
     data.write_text(json.dumps(knowedit_records(80)))
     out, report = tmp_path / "scope.safetensors", tmp_path / "report.json"
