@@ -19,14 +19,18 @@ def make_client(state_dir: Path, max_len: int = 512, **settings: object) -> Test
     return TestClient(build_test_app(tiny_model("llama", max_len=max_len), state_dir, **settings))
 
 
-def chat(client: TestClient, **body: object):
-    payload = {
+def chat_body(**body: object) -> dict:
+    base = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Hi there"}],
         "temperature": 0,
         "ignore_eos": True,
     }
-    return client.post("/v1/chat/completions", json={**payload, **body})
+    return {**base, **body}
+
+
+def chat(client: TestClient, **body: object):
+    return client.post("/v1/chat/completions", json=chat_body(**body))
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> None:
@@ -118,18 +122,8 @@ def test_a_streamed_answer_preempted_by_a_weight_change_names_each_chunks_versio
         events: list[dict] = []
 
         def stream() -> int:
-            with client.stream(
-                "POST",
-                "/v1/chat/completions",
-                json={
-                    "model": MODEL,
-                    "messages": [{"role": "user", "content": "Hi there"}],
-                    "temperature": 0,
-                    "ignore_eos": True,
-                    "max_tokens": 400,
-                    "stream": True,
-                },
-            ) as r:
+            body = chat_body(max_tokens=400, stream=True)
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
                         events.append(json.loads(line[len("data: ") :]))
