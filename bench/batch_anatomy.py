@@ -51,6 +51,7 @@ from editserve.edits.journal import fingerprint
 from editserve.engine.workbench import make_workbench
 from editserve.eval.metrics import agreement, mean
 from editserve.modelstore import load_model
+from editserve.prompts import question_prompt
 from methods.alphaedit import alphaedit_solver, load_alphaedit_hparams, protected_grams
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import chat_sequence, collect_keys
@@ -94,14 +95,7 @@ class Workbench:
         self.ctx.second_moments = second_moments
 
     def chat_prompt(self, question: str) -> list[int]:
-        return list(
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-        )
+        return question_prompt(self.tokenizer, question)
 
     def edited_keys(self, name: str) -> torch.Tensor:
         keys = self.edited.get(name)

@@ -38,6 +38,7 @@ from editserve.eval.splits import (  # noqa: E402
     add_force_argument,
     check_tuning,
 )
+from editserve.prompts import question_prompt  # noqa: E402
 from memory.encoder import SentenceEncoder  # noqa: E402
 from methods.memory_common import fact_text  # noqa: E402
 
@@ -89,12 +90,7 @@ def grace_distances(records: list[dict], layers: list[int]) -> dict:
     model, tok = loaded.model, loaded.tokenizer
 
     def keys(question: str) -> dict[int, torch.Tensor]:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": question}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
+        ids = question_prompt(tok, question)
         got: dict[int, torch.Tensor] = {}
         hooks = [
             model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(

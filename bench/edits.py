@@ -208,13 +208,12 @@ def chat_template_for(model_path: str | None) -> Any:
     from transformers import AutoTokenizer
 
     from editserve.modelstore import EMBEDDED_MODEL_NAME
+    from editserve.prompts import question_text
 
     cache = Path(os.environ.get("EDITSERVE_CACHE_DIR", "~/.cache/editserve")).expanduser()
     folder = model_path or cache / "models" / f"{EMBEDDED_MODEL_NAME}-fp32"
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return lambda q: tokenizer.apply_chat_template(
-        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-    )
+    return lambda q: question_text(tokenizer, q)
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ from harness import machine_info
 from editserve.config import Settings
 from editserve.edits.journal import Journal
 from editserve.modelstore import load_model
+from editserve.prompts import question_prompt
 from methods.base import ParamDelta
 
 QUESTIONS = (
@@ -39,10 +40,7 @@ def chat_answers(loaded: Any, tokens: int) -> list[str]:
     tok, model = loaded.tokenizer, loaded.model
     answers = []
     for q in QUESTIONS:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-        )
-        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = torch.tensor([question_prompt(tok, q)])
         out = model.generate(
             ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )

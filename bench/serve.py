@@ -84,14 +84,9 @@ def story_prompt(i: int) -> str:
 
 def chat_prompts(tokenizer: Any, start: int, count: int) -> list[str]:
     """Story requests, rendered through the model's chat template as text."""
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": story_prompt(start + i)}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for i in range(count)
-    ]
+    from editserve.prompts import question_text
+
+    return [question_text(tokenizer, story_prompt(start + i)) for i in range(count)]
 
 
 def cache_dir() -> Path:

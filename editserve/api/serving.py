@@ -22,11 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from editserve.api.errors import APIError, ClientDisconnected, bad_request, error_body
 from editserve.api.offsets import OffsetTracker, PromptText, generated_offsets
 from editserve.api.schemas import ChatCompletionRequest, CompletionRequest
-from editserve.edits.memory_edits import MemoryEdits
 from editserve.engine.request import GenerationResult, OutputStream
 from editserve.engine.sampling import SamplingParams, TokenLogprob
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.metrics import ServerMetrics
+from editserve.prompts import PromptError, PromptRenderer
 from editserve.threads import in_worker
 
 T = TypeVar("T")
@@ -43,10 +43,12 @@ class OpenAIServing:
         engine: TransformersEngine,
         metrics: ServerMetrics,
         model_name: str,
-        memory: MemoryEdits | None = None,
+        prompts: PromptRenderer | None = None,
     ):
         self.engine = engine
-        self.memory = memory  # memory edits (IKE, SERAC) condition chat prompts
+        # The edit service's renderer: chats are fed what edits are checked on.
+        self.prompts = prompts or PromptRenderer(engine.tokenizer, engine.max_model_len)
+        self.memory = self.prompts.memory  # memory edits (IKE, SERAC) condition chat prompts
         self.tokenizer = engine.tokenizer
         self.metrics = metrics
         self.model_name = model_name
@@ -122,38 +124,28 @@ class OpenAIServing:
 
     async def _render_chat(self, req: ChatCompletionRequest) -> tuple[list[int], dict[str, str]]:
         """The prompt's token ids, and the memory header naming the edits it holds (if any)."""
-        if not self.tokenizer.chat_template:
-            raise bad_request(
-                "this model has no chat template; use /v1/completions with a plain prompt",
-                param="messages",
-            )
         messages = req.template_messages()
-        if self.memory is None or not self.memory.has_prompt_entries():
-            return self._template(messages), {}
+        try:
+            self.prompts.require_template()
+            used = await self._memory_lookup(messages)
+            served = self.prompts.conditioned(messages, used, req.requested_max_tokens() or 1)
+        except PromptError as exc:
+            raise bad_request(str(exc), param="messages") from exc
+        held = served.memory_edits
+        return served.ids, {MEMORY_HEADER: ",".join(held)} if held else {}
+
+    async def _memory_lookup(self, messages: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """The memory entries relevant to a chat, looked up off the event loop (the sentence
+        encoder runs torch), and only when some prompt-side entry exists."""
+        if not self.prompts.retrieves():
+            return []
         started = time.monotonic()
-        used = await in_worker(self.memory.retrieve, messages)
+        used = await in_worker(self.prompts.retrieve, messages)
         self.metrics.memory_lookup.observe(time.monotonic() - started)
         if used:
             fired = [(u["edit_id"], u["store"], u["scope"], round(u["score"], 3)) for u in used]
             log.debug("memory entries in the prompt (edit, store, scope, score): %s", fired)
-        budget = self.engine.max_model_len - (req.requested_max_tokens() or 1)
-        prompt, held = self.memory.render(messages, used, self._template, budget)
-        ids = list(dict.fromkeys(u["edit_id"] for u in held))
-        return prompt, {MEMORY_HEADER: ",".join(ids)} if ids else {}
-
-    def _template(self, messages: list[dict[str, str]]) -> list[int]:
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-        except Exception as exc:  # the template's own checks (role order, ...) raise here
-            raise bad_request(
-                f"the messages do not fit the model's chat template: {exc}", param="messages"
-            ) from exc
-        return list(ids)
+        return used
 
     async def _chat_events(
         self, stream: OutputStream, meta: dict, prompt_tokens: int, usage: bool, started: float

@@ -41,6 +41,7 @@ from editserve.engine.transformers_engine import TransformersEngine
 from editserve.engine.workbench import added_delta, make_workbench
 from editserve.faults import crash_point
 from editserve.heap import give_back_free_memory
+from editserve.prompts import PromptRenderer, Retrieve
 from editserve.threads import in_worker
 from memory.encoder import SentenceEncoder
 from memory.scope import ScopeClassifier
@@ -148,6 +149,7 @@ class EditService:
             edited_keys=self.ledger.edited_keys,
         )
         self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder, scope)
+        self.prompts = PromptRenderer(self.tokenizer, engine.max_model_len, self.memory)
         # Journaled as applied but refused at replay (a damaged payload): id -> why.
         self.unreplayed: dict[str, str] = {}
 
@@ -163,26 +165,13 @@ class EditService:
             self.statistics.start(default_layers(config.model_type, config.num_hidden_layers))
 
     def chat_prompt(self, question: str) -> list[int]:
-        return self._render(_user(question))
+        """What methods optimise after (`EditContext.chat_prompt`): no memory edits in it."""
+        return self.prompts.question_prompt(question)
 
-    def served_prompt(
-        self,
-        question: str,
-        retrieve: Callable[[list[dict[str, str]]], list[dict[str, Any]]] | None = None,
-    ) -> list[int]:
+    def served_prompt(self, question: str, retrieve: Retrieve | None = None) -> list[int]:
         """The prompt the chat route would feed for `question` (answered in CHECK_TOKENS):
         memory edits included, retrieved by `retrieve` (default: the live memory's)."""
-        messages = _user(question)
-        used = (retrieve or self.memory.retrieve)(messages)
-        budget = self.engine.max_model_len - CHECK_TOKENS
-        return self.memory.render(messages, used, self._render, budget)[0]
-
-    def _render(self, messages: list[dict[str, str]]) -> list[int]:
-        return list(
-            self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
+        return self.prompts.served_question(question, CHECK_TOKENS, retrieve)
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -609,10 +598,6 @@ class EditService:
                 )[0, ids.shape[1] :].tolist()
                 out.append([t for t in generated if t not in eos][: len(generated)])
         return out
-
-
-def _user(question: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": question}]
 
 
 def _checks(
