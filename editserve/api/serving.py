@@ -1,8 +1,9 @@
 """The OpenAI-compatible generation service: requests in, engine generations, responses out.
 
-Routes stay thin: each calls one method here. This layer turns prompts into tokens (through the
-model's chat template for chat), checks them against the context window, submits one generation
-per prompt and choice, and shapes the answer (JSON, or SSE chunks ending with `data: [DONE]`).
+Routes stay thin: each calls one method here. This layer turns prompts into tokens (chats through
+`editserve.prompts`, the renderer edits are made and checked with), checks them against the
+context window, submits one generation per prompt and choice, and shapes the answer (JSON, or SSE
+chunks ending with `data: [DONE]`).
 """
 
 from __future__ import annotations
