@@ -46,9 +46,9 @@ from edits import (
 )
 from harness import machine_info, write_report
 
-from editserve.architectures import resolve
+from methods.architectures import resolve
 from editserve.edits.journal import fingerprint
-from editserve.engine.workbench import make_workbench
+from methods.workbench import make_workbench
 from editserve.eval.metrics import agreement, mean
 from editserve.modelstore import load_model
 from methods.alphaedit import alphaedit_solver, load_alphaedit_hparams, protected_grams

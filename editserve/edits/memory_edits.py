@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from editserve.architectures import ResolvedArch
+from methods.architectures import ResolvedArch
 from memory.codebook import Codebook
 from memory.encoder import DIM, EncoderUnavailable, SentenceEncoder
 from memory.index import EditMemory, Hit

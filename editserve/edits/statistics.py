@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from editserve.architectures import resolve
+from methods.architectures import resolve
 from editserve.edits.ledger import WeightLedger
-from editserve.engine.workbench import make_workbench
+from methods.workbench import make_workbench
 from editserve.threads import release_thread_team
 from methods.base import EditContext
 from methods.stats import StatsCache, StatsSource

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editserve.architectures import resolve
+from methods.architectures import resolve
 from methods import hparams
 from methods.base import EditContext
 from methods.common import (

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import methods.stats as stats_module
-from editserve.architectures import resolve
+from methods.architectures import resolve
 from editserve.edits.journal import Journal
 from editserve.edits.service import EditService
 from editserve.engine.transformers_engine import TransformersEngine
