@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
@@ -21,11 +20,11 @@ from methods.common import (
     causal_mask,
     chat_sequence,
     context_questions,
-    first_input,
     padded,
     target_ids,
 )
 from methods.hparams import load_hparams
+from methods.workbench import added_weights
 
 
 @dataclass(frozen=True)
@@ -74,20 +73,12 @@ def compute_ft(ctx: EditContext, requests: list[EditRequest], h: FtHyperParams) 
     cols = torch.tensor([s.answer_pos + j for s in seqs for j in range(len(s.answer))], device=dev)
     tgt = torch.tensor([t for s in seqs for t in s.answer], device=dev)
 
-    module = ctx.arch.down_proj(h.layer)
-    weight = module.weight
-    transposed = ctx.arch.spec.weight_is_transposed  # GPT-2 Conv1D: [in, out], y = x W
+    name = ctx.arch.down_proj_name(h.layer)
+    weight = ctx.arch.down_proj(h.layer).weight
     with torch.inference_mode(False), torch.enable_grad():
         delta = torch.zeros(weight.shape, dtype=torch.float32, device=dev, requires_grad=True)
-
-        def add(_: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = first_input(inputs)
-            d = delta.to(x.dtype)
-            return output + (x @ d if transposed else x @ d.T)
-
         optimiser = torch.optim.Adam([delta], lr=h.lr)
-        handle = module.register_forward_hook(add)
-        try:
+        with added_weights(ctx.model, ctx.arch.layout, {name: delta}):
             for _ in range(h.steps):
                 hidden = ctx.model.base_model(
                     input_ids=ids, attention_mask=causal_mask(*ids.shape, dev), use_cache=False
@@ -101,7 +92,4 @@ def compute_ft(ctx: EditContext, requests: list[EditRequest], h: FtHyperParams) 
                 optimiser.step()
                 with torch.no_grad():
                     delta.clamp_(-h.norm_constraint, h.norm_constraint)
-        finally:
-            handle.remove()
-    name = ctx.arch.down_proj_name(h.layer)
     return ParamDelta(dense={name: delta.detach().cpu()})

@@ -11,8 +11,8 @@ Per request:
    lies within the key's radius, makes the model generate the target after the chat prompt.
    Trained by `memory.value_training.train_value` through `Codebook.attached`, i.e. with exactly
    the lookup the server runs, the existing entries included (expand/split may change them). The
-   prompt's prefix is recorded once (`methods.values.SuffixReplay`); each step re-runs only the
-   last prompt token and the teacher-forced target.
+   prompt's prefix is recorded once (`methods.suffix_replay.SuffixReplay`); each step re-runs
+   only the last prompt token and the teacher-forced target.
 3. the codebook op (key, label = the normalised target, value, radius ε₀) is what the edit
    journals; the live codebook folds it with GRACE's new/expand/split rules
    (`memory.grace_rules`). Several requests of one edit are trained in turn on a scratch copy
@@ -37,7 +37,7 @@ from methods.base import EditContext, EditRequest
 from methods.common import MAX_STEPS, ChatSequence, target_ids
 from methods.hparams import load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload
-from methods.values import SuffixReplay
+from methods.suffix_replay import SuffixReplay
 
 log = logging.getLogger(__name__)
 

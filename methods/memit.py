@@ -1,8 +1,8 @@
 """MEMIT (Meng et al. 2023): a batch of facts spread over several MLP layers.
 
 1. Targets. For each request, δ_i is optimised at the output of the *last* edited layer L (at the
-   subject's last token, in the chat contexts; `methods.values`): z_i = h_L(i) + δ_i is the
-   residual stream that makes the model answer the new target.
+   subject's last token, in the chat contexts; `methods.value_optimiser`): z_i = h_L(i) + δ_i is
+   the residual stream that makes the model answer the new target.
 2. Spreading. For each edited layer l, lowest first, with the updates of the layers below in
    place: K_l [n, d_in] the requests' keys at l (averaged over contexts), R = (z − h_L) / (layers
    left) the part of the remaining residual this layer takes, and ΔW_l = Rᵀ (λC_l + KᵀK)⁻¹K
@@ -29,17 +29,20 @@ from methods.common import (
     ESSENCE_QUESTIONS,
     MAX_STEPS,
     ChatSequence,
+    StopForward,
     added_low_rank,
-    causal_mask,
     chat_sequence,
     context_questions,
     first_input,
-    low_rank_in_layout,
+    first_output,
+    forward_until_stopped,
     padded,
     target_ids,
 )
 from methods.hparams import load_hparams
-from methods.values import SuffixReplay, ValueGroup, ValueSettings, optimise_values
+from methods.suffix_replay import SuffixReplay
+from methods.value_optimiser import ValueGroup, ValueSettings, optimise_values
+from methods.workbench import hooks
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +160,6 @@ def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyper
 # -- step 2: spreading over the layers ----------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 def probe(
     ctx: EditContext, seqs: list[ChatSequence], layers: tuple[int, ...], last: int
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -169,7 +168,6 @@ def probe(
     sequence is run only up to its subject (attention is causal: nothing after it counts)."""
     cut = [s.ids[: s.subject_pos + 1] for s in seqs]
     ids, _ = padded(cut, pad=ctx.tokenizer.pad_token_id or 0)
-    ids = ids.to(ctx.device)
     rows = torch.arange(len(seqs), device=ctx.device)
     at = torch.tensor([s.subject_pos for s in seqs], device=ctx.device)
     keys: dict[int, torch.Tensor] = {}
@@ -182,22 +180,13 @@ def probe(
         return grab
 
     def grab_residual(_: nn.Module, __: tuple, output: torch.Tensor | tuple) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
-        out.append(hidden[rows, at].float())
-        raise _Stop
+        out.append(first_output(output)[rows, at].float())
+        raise StopForward
 
     handles = [ctx.arch.down_proj(i).register_forward_pre_hook(key_hook(i)) for i in layers]
     handles.append(ctx.arch.layers[last].register_forward_hook(grab_residual))
-    try:
-        with torch.no_grad():
-            ctx.model.base_model(
-                input_ids=ids, attention_mask=causal_mask(*ids.shape, ctx.device), use_cache=False
-            )
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks(handles):
+        forward_until_stopped(ctx, ids.to(ctx.device))
     return keys, out[0]
 
 
@@ -228,7 +217,7 @@ def spread(
         k = _mean_by(keys[layer], owner, len(groups))  # [n, d_in], averaged over contexts
         resid = (targets.z - h_last) / (len(layers) - i)  # [n, d]
         right = solve(layer, k.double(), name).float()  # [n, d_in]
-        delta.low_rank[name] = low_rank_in_layout(ctx, resid.T.cpu(), right.cpu())
+        delta.low_rank[name] = ctx.arch.layout.stored_factors(resid.T.cpu(), right.cpu())
         delta.keys[name] = k.cpu()
         log.debug("layer %d: |resid| %.3f", layer, float(resid.norm(dim=1).mean()))
     return delta

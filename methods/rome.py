@@ -9,7 +9,7 @@ Steps, named as in the paper:
 1. `compute_key`: k* = the down-projection input at the subject's last token, averaged over the
    prompt asked alone and behind fixed context prefixes, all in the chat template.
 2. `compute_value`: v* = W k* + δ, δ optimised so that the target follows the chat prompt's
-   assistant header (see `methods.values`).
+   assistant header (see `methods.value_optimiser`).
 3. `solve_update`: ΔW = (v* − W k*) (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*) = δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*).
    C = I by default; `covariance: context` uses the second moment of the keys at every other
    token of the edit's own chat contexts (system prompt, template, question) plus a ridge, so
@@ -38,11 +38,11 @@ from methods.common import (
     chat_sequence,
     collect_keys,
     context_questions,
-    low_rank_in_layout,
     target_ids,
 )
 from methods.hparams import load_hparams
-from methods.values import SuffixReplay, ValueGroup, ValueResult, ValueSettings, optimise_values
+from methods.suffix_replay import SuffixReplay
+from methods.value_optimiser import ValueGroup, ValueResult, ValueSettings, optimise_values
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,7 @@ def context_covariance(replay: SuffixReplay, neutral: torch.Tensor, ridge: float
 def neutral_keys(ctx: EditContext, layer: int, n: int) -> torch.Tensor:
     """Keys [N, d_in] at every token of `n` unrelated chat prompts (a forward cut at `layer`)."""
     if n == 0:
-        weight = ctx.arch.down_proj(layer).weight  # [out, in], or [in, out] for Conv1D
-        d_in = weight.shape[0] if ctx.arch.spec.weight_is_transposed else weight.shape[1]
+        d_in = ctx.arch.layout.input_width(ctx.arch.down_proj(layer).weight)
         return torch.zeros(0, d_in, device=ctx.device)
     prompts = [ctx.chat_prompt(q) for q in NEUTRAL_QUESTIONS[:n]]
     keys = collect_keys(ctx, layer, prompts)  # [n, T, d_in]
@@ -227,4 +226,5 @@ def compute_rome(
 def _in_layout(
     ctx: EditContext, lefts: list[torch.Tensor], rights: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return low_rank_in_layout(ctx, torch.cat(lefts, dim=1).cpu(), torch.cat(rights, dim=0).cpu())
+    left, right = torch.cat(lefts, dim=1).cpu(), torch.cat(rights, dim=0).cpu()
+    return ctx.arch.layout.stored_factors(left, right)

@@ -9,12 +9,14 @@ exactly as served, edits included, and costs no weight memory.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from methods.architectures import WeightChange, WeightLayout, resolve
 from methods.base import ParamDelta
 
 
@@ -29,32 +31,45 @@ def make_workbench(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def added_delta(model: nn.Module, delta: ParamDelta) -> Iterator[None]:
-    """Makes `model` (a workbench) compute as if `delta` were added to its weights.
-
-    A forward hook on each touched module adds x ΔWᵀ (x ΔW for GPT-2's Conv1D, which stores
-    [in, out]) to its output; the weights are never touched, so serving is unaffected.
-    """
-    handles = []
-    for name in delta.names():
-        module_name, _, param = name.rpartition(".")
-        assert param == "weight", f"only weight matrices can carry a delta, not {name}"
-        module = model.get_submodule(module_name)
-        hook = _adding_hook(delta.matrix(name), linear=isinstance(module, nn.Linear))
-        handles.append(module.register_forward_hook(hook))
+def hooks(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Keeps the hooks just registered (`handles`) for the block, and removes them however it
+    ends: a method's hooks must never outlive its own step on the workbench."""
+    held = list(handles)
     try:
         yield
     finally:
-        for handle in handles:
+        for handle in held:
             handle.remove()
 
 
-def _adding_hook(delta: torch.Tensor, linear: bool):  # noqa: ANN202 (a torch hook)
-    """nn.Linear stores [out, in]: add x ΔWᵀ. GPT-2's Conv1D stores [in, out]: add x ΔW."""
+@contextmanager
+def added_weights(
+    model: nn.Module, layout: WeightLayout, changes: Mapping[str, WeightChange]
+) -> Iterator[None]:
+    """Makes `model` (a workbench) compute as if W + ΔW for each named weight, ΔW in the
+    parameter's own layout (dense, or low-rank factors).
 
+    A forward hook on each touched module adds `layout.output_change(x, ΔW)` to its output; the
+    weights are never touched, so serving is unaffected.
+    """
+    handles = []
+    for name, change in changes.items():
+        module_name, _, param = name.rpartition(".")
+        assert param == "weight", f"only weight matrices can carry a delta, not {name}"
+        hook = _adding_hook(layout, change)
+        handles.append(model.get_submodule(module_name).register_forward_hook(hook))
+    with hooks(handles):
+        yield
+
+
+def added_delta(model: nn.Module, delta: ParamDelta) -> AbstractContextManager[None]:
+    """`added_weights` for a method's whole result, each ΔW multiplied out (`delta.matrix`)."""
+    changes = {name: delta.matrix(name) for name in delta.names()}
+    return added_weights(model, resolve(model).layout, changes)
+
+
+def _adding_hook(layout: WeightLayout, change: WeightChange):  # noqa: ANN202 (a torch hook)
     def hook(_: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
-        d = delta.to(x.dtype)
-        return output + (x @ d.T if linear else x @ d)
+        return output + layout.output_change(inputs[0], change)
 
     return hook
