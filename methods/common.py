@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from methods.base import EditContext
+from methods.base import EditContext, EditRequest
 from methods.workbench import added_weights, hooks
 
 # Prefixes a question is also asked behind; "" (the bare question) is always first.
@@ -149,6 +149,24 @@ def chat_sequence(
         answer_pos=len(prompt) - 1,
         answer=tuple(answer),
     )
+
+
+def edit_sequences(
+    ctx: EditContext, request: EditRequest, n_contexts: int, n_essence: int
+) -> tuple[list[ChatSequence], list[ChatSequence]]:
+    """Rewriting sequences (the prompt in `n_contexts` contexts, then the target) and the first
+    `n_essence` essence questions about the subject (their first answer token is held in place
+    by the KL term). ValueError on a subject missing from the prompt, or an empty target."""
+    answer = target_ids(ctx.tokenizer, request.target_new)
+    rewrites = [
+        chat_sequence(ctx, question, request.subject, answer)
+        for question in context_questions(request.prompt, n_contexts)
+    ]
+    essence = [
+        chat_sequence(ctx, q.format(request.subject), request.subject)
+        for q in ESSENCE_QUESTIONS[:n_essence]
+    ]
+    return rewrites, essence
 
 
 def padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

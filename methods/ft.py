@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
+    CONTEXT_PREFIXES,
     MAX_STEPS,
     causal_mask,
     chat_sequence,
@@ -23,7 +24,7 @@ from methods.common import (
     padded,
     target_ids,
 )
-from methods.hparams import load_hparams
+from methods.hparams import HparamCheck, load_hparams
 from methods.workbench import added_weights
 
 
@@ -40,18 +41,12 @@ def load_ft_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> FtHyperParams:
     h = load_hparams(FtHyperParams, "ft", model_type, num_layers, overrides)
-    problems = []
-    if not 0 <= (h.layer or 0) < num_layers:
-        problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not 1 <= h.n_contexts <= 10:
-        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
-    for name in ("lr", "norm_constraint"):
-        if not getattr(h, name) > 0:
-            problems.append(f"{name} must be positive, not {getattr(h, name)}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    check = HparamCheck(h)
+    check.in_range("layer", 0, num_layers - 1)
+    check.in_range("steps", 1, MAX_STEPS)
+    check.in_range("n_contexts", 1, len(CONTEXT_PREFIXES))
+    check.positive("lr", "norm_constraint")
+    check.done()
     return h
 
 

@@ -35,7 +35,7 @@ from memory.codebook import Codebook
 from memory.value_training import train_value
 from methods.base import EditContext, EditRequest
 from methods.common import MAX_STEPS, ChatSequence, target_ids
-from methods.hparams import load_hparams
+from methods.hparams import HparamCheck, load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload
 from methods.suffix_replay import SuffixReplay
 
@@ -56,19 +56,13 @@ def load_grace_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> GraceHyperParams:
     h = load_hparams(GraceHyperParams, "grace", model_type, num_layers, overrides)
-    problems = []
-    if not 0 <= h.layer < num_layers:
-        problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if not h.radius > 0:
-        problems.append(f"radius must be positive, not {h.radius}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not h.lr > 0:
-        problems.append(f"lr must be positive, not {h.lr}")
-    if not h.stop_below >= 0:
-        problems.append(f"stop_below must be at least 0, not {h.stop_below}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    check = HparamCheck(h)
+    check.in_range("layer", 0, num_layers - 1)
+    check.positive("radius")
+    check.in_range("steps", 1, MAX_STEPS)
+    check.positive("lr")
+    check.require(h.stop_below >= 0, f"stop_below must be at least 0, not {h.stop_below}")
+    check.done()
     return h
 
 

@@ -26,20 +26,19 @@ from torch import nn
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
+    CONTEXT_PREFIXES,
     ESSENCE_QUESTIONS,
     MAX_STEPS,
     ChatSequence,
     StopForward,
     added_low_rank,
-    chat_sequence,
-    context_questions,
+    edit_sequences,
     first_input,
     first_output,
     forward_until_stopped,
     padded,
-    target_ids,
 )
-from methods.hparams import load_hparams
+from methods.hparams import HparamCheck, load_hparams
 from methods.suffix_replay import SuffixReplay
 from methods.value_optimiser import ValueGroup, ValueSettings, optimise_values
 from methods.workbench import hooks
@@ -67,41 +66,29 @@ class MemitHyperParams(TargetHyperParams):
     mom2_update_weight: float = 15000.0  # λ: how much ordinary keys weigh against the edits
 
 
-def check_common(h: TargetHyperParams, num_layers: int) -> list[str]:
-    """Problems with the hyperparameters MEMIT and AlphaEdit share."""
-    problems = []
+def check_common(h: TargetHyperParams, num_layers: int) -> HparamCheck:
+    """The checks of the hyperparameters MEMIT and AlphaEdit share (the caller adds its own)."""
     layers = h.layers or ()
-    if any(not 0 <= layer < num_layers for layer in layers):
-        problems.append(f"layers must be in 0..{num_layers - 1}, not {list(layers)}")
-    if len(set(layers)) != len(layers):
-        problems.append(f"layers must not repeat, not {list(layers)}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not 1 <= h.n_contexts <= 10:
-        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
-    if not 0 <= h.n_essence <= len(ESSENCE_QUESTIONS):
-        problems.append(f"n_essence must be in 0..{len(ESSENCE_QUESTIONS)}, not {h.n_essence}")
-    for name in ("lr", "clamp_norm_factor"):
-        if not getattr(h, name) > 0:
-            problems.append(f"{name} must be positive, not {getattr(h, name)}")
-    for name in ("kl_factor", "weight_decay", "stop_margin"):
-        if not getattr(h, name) >= 0:
-            problems.append(f"{name} must not be negative, not {getattr(h, name)}")
-    return problems
+    check = HparamCheck(h)
+    check.require(
+        all(0 <= layer < num_layers for layer in layers),
+        f"layers must be in 0..{num_layers - 1}, not {list(layers)}",
+    )
+    check.require(len(set(layers)) == len(layers), f"layers must not repeat, not {list(layers)}")
+    check.in_range("steps", 1, MAX_STEPS)
+    check.in_range("n_contexts", 1, len(CONTEXT_PREFIXES))
+    check.in_range("n_essence", 0, len(ESSENCE_QUESTIONS))
+    check.positive("lr", "clamp_norm_factor")
+    check.not_negative("kl_factor", "weight_decay", "stop_margin")
+    return check
 
 
 def load_memit_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> MemitHyperParams:
-    hparams = load_hparams(MemitHyperParams, "memit", model_type, num_layers, overrides)
-    problems = check_common(hparams, num_layers)
-    if not hparams.mom2_update_weight >= 0:
-        problems.append(
-            f"mom2_update_weight must not be negative, not {hparams.mom2_update_weight}"
-        )
-    if problems:
-        raise ValueError("; ".join(problems))
-    return hparams
+    h = load_hparams(MemitHyperParams, "memit", model_type, num_layers, overrides)
+    check_common(h, num_layers).not_negative("mom2_update_weight").done()
+    return h
 
 
 # -- step 1: targets ----------------------------------------------------------------------------
@@ -121,34 +108,18 @@ def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyper
     seqs: list[ChatSequence] = []
     groups: list[ValueGroup] = []
     for request in requests:  # ValueError on a subject missing from its prompt
-        answer = target_ids(ctx.tokenizer, request.target_new)
-        rewrites = [
-            chat_sequence(ctx, q, request.subject, answer)
-            for q in context_questions(request.prompt, h.n_contexts)
-        ]
-        essence = [
-            chat_sequence(ctx, q.format(request.subject), request.subject)
-            for q in ESSENCE_QUESTIONS[: h.n_essence]
-        ]
+        rewrites, essence = edit_sequences(ctx, request, h.n_contexts, h.n_essence)
         first = len(seqs)
         seqs += [*rewrites, *essence]
         groups.append(
             ValueGroup(
                 rewrite_rows=tuple(range(first, first + len(rewrites))),
                 essence_rows=tuple(range(first + len(rewrites), len(seqs))),
-                answer=tuple(answer),
+                answer=rewrites[0].answer,
             )
         )
     replay = SuffixReplay(ctx, last, ctx.arch.down_proj(last), seqs, from_block=True)
-    settings = ValueSettings(
-        steps=h.steps,
-        lr=h.lr,
-        kl_factor=h.kl_factor,
-        weight_decay=h.weight_decay,
-        clamp_norm_factor=h.clamp_norm_factor,
-        stop_margin=h.stop_margin,
-    )
-    values = optimise_values(ctx, replay, groups, settings)
+    values = optimise_values(ctx, replay, groups, ValueSettings.of(h))
     steps, reached = [v.steps for v in values], [v.reached for v in values]
     log.info("targets: %d of %d reached; steps up to %d", sum(reached), len(values), max(steps))
     # δ was added to down_proj(L)'s output, i.e. to the residual stream after block L.

@@ -30,17 +30,16 @@ import torch
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
+    CONTEXT_PREFIXES,
     ESSENCE_QUESTIONS,
     MAX_STEPS,
     NEUTRAL_QUESTIONS,
     ChatSequence,
     added_low_rank,
-    chat_sequence,
     collect_keys,
-    context_questions,
-    target_ids,
+    edit_sequences,
 )
-from methods.hparams import load_hparams
+from methods.hparams import HparamCheck, load_hparams
 from methods.suffix_replay import SuffixReplay
 from methods.value_optimiser import ValueGroup, ValueResult, ValueSettings, optimise_values
 
@@ -66,28 +65,6 @@ class RomeHyperParams:
 COVARIANCES = ("none", "context")
 
 
-def _check(h: RomeHyperParams, num_layers: int) -> None:
-    problems = []
-    if not 0 <= h.layer < num_layers:
-        problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not 1 <= h.n_contexts <= 10:
-        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
-    for name in ("lr", "clamp_norm_factor", "cov_ridge"):
-        if not getattr(h, name) > 0:
-            problems.append(f"{name} must be positive, not {getattr(h, name)}")
-    if not 0 <= h.n_neutral <= len(NEUTRAL_QUESTIONS):
-        problems.append(f"n_neutral must be in 0..{len(NEUTRAL_QUESTIONS)}, not {h.n_neutral}")
-    for name in ("kl_factor", "weight_decay", "stop_margin"):
-        if not getattr(h, name) >= 0:
-            problems.append(f"{name} must not be negative, not {getattr(h, name)}")
-    if h.covariance not in COVARIANCES:
-        problems.append(f"covariance must be one of {', '.join(COVARIANCES)}, not {h.covariance!r}")
-    if problems:
-        raise ValueError("invalid ROME hyperparameters: " + "; ".join(problems))
-
-
 def load_rome_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> RomeHyperParams:
@@ -95,28 +72,20 @@ def load_rome_hparams(
 
     Raises ValueError naming any unknown key, wrongly typed value or value out of range.
     """
-    hparams = load_hparams(RomeHyperParams, "rome", model_type, num_layers, overrides)
-    _check(hparams, num_layers)
-    return hparams
+    h = load_hparams(RomeHyperParams, "rome", model_type, num_layers, overrides)
+    check = HparamCheck(h)
+    check.in_range("layer", 0, num_layers - 1)
+    check.in_range("steps", 1, MAX_STEPS)
+    check.in_range("n_contexts", 1, len(CONTEXT_PREFIXES))
+    check.positive("lr", "clamp_norm_factor", "cov_ridge")
+    check.in_range("n_neutral", 0, len(NEUTRAL_QUESTIONS))
+    check.not_negative("kl_factor", "weight_decay", "stop_margin")
+    check.one_of("covariance", COVARIANCES)
+    check.done("invalid ROME hyperparameters: ")
+    return h
 
 
 # -- the paper's steps ---------------------------------------------------------------------------
-
-
-def build_contexts(
-    ctx: EditContext, request: EditRequest, hparams: RomeHyperParams
-) -> tuple[list[ChatSequence], list[ChatSequence]]:
-    """Rewriting sequences (the prompt in n contexts, then the target) and essence questions
-    about the subject (their first answer token is held in place by the KL term)."""
-    answer = target_ids(ctx.tokenizer, request.target_new)
-    rewrites = [
-        chat_sequence(ctx, question, request.subject, answer)
-        for question in context_questions(request.prompt, hparams.n_contexts)
-    ]
-    essence = [
-        chat_sequence(ctx, q.format(request.subject), request.subject) for q in ESSENCE_QUESTIONS
-    ]
-    return rewrites, essence
 
 
 def compute_key(replay: SuffixReplay, n_rewrites: int) -> torch.Tensor:
@@ -161,22 +130,13 @@ def compute_value(
     ctx: EditContext, replay: SuffixReplay, rewrites: list[ChatSequence], hparams: RomeHyperParams
 ) -> ValueResult:
     """δ = v* − W k*, added to the MLP output of the edit layer at the subject."""
-    settings = ValueSettings(
-        steps=hparams.steps,
-        lr=hparams.lr,
-        kl_factor=hparams.kl_factor,
-        weight_decay=hparams.weight_decay,
-        clamp_norm_factor=hparams.clamp_norm_factor,
-        stop_margin=hparams.stop_margin,
-        stop_on_prompt=hparams.stop_on_prompt,
-    )
     n = len(rewrites)
     group = ValueGroup(
         rewrite_rows=tuple(range(n)),
         essence_rows=tuple(range(n, replay.suffix.shape[0])),
         answer=rewrites[0].answer,
     )
-    (result,) = optimise_values(ctx, replay, [group], settings)
+    (result,) = optimise_values(ctx, replay, [group], ValueSettings.of(hparams))
     return result
 
 
@@ -186,7 +146,9 @@ def compute_rome(
     """One rank-one update of `down_proj(layer)` per request, stacked (rank k for k requests)."""
     if not requests:
         raise ValueError("a ROME edit needs at least one request")
-    contexts = [build_contexts(ctx, r, hparams) for r in requests]  # ValueError on bad subjects
+    contexts = [  # ValueError on bad subjects
+        edit_sequences(ctx, r, hparams.n_contexts, len(ESSENCE_QUESTIONS)) for r in requests
+    ]
     name = ctx.arch.down_proj_name(hparams.layer)
     module = ctx.arch.down_proj(hparams.layer)
     neutral = None

@@ -12,6 +12,7 @@ subjects on are run again, in chunks of rows of similar length.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ class ValueSettings:
     # Stop once every target token is the argmax in every context, by this log-prob margin.
     stop_margin: float
     stop_on_prompt: bool = False  # check the stop rule on the bare prompt only
+
+    @classmethod
+    def of(cls, hparams: object) -> ValueSettings:
+        """The settings a method's hyperparameters hold under these same names (ROME's, MEMIT's);
+        one a method does not have keeps its default."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(hparams, f.name)]
+        return cls(**{name: getattr(hparams, name) for name in names})
 
 
 @dataclass(frozen=True)
