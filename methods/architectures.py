@@ -1,8 +1,9 @@
 """Where each supported model family keeps the modules that editing and serving touch.
 
 Methods never hard-code module paths: they ask `resolve(model)` for the layer list, each layer's
-MLP down-projection (the matrix ROME/MEMIT edit), the final norm and the LM head. Families are
-keyed by `config.model_type`; adding one is one entry in `ARCHITECTURES`.
+MLP down-projection (the matrix ROME/MEMIT edit), the final norm and the LM head, and how the
+family stores that matrix (`WeightLayout`). Families are keyed by `config.model_type`; adding one
+is one entry in `ARCHITECTURES`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class ArchSpec:
     down_proj: str
     final_norm: str
     lm_head: str
-    # GPT-2 stores Conv1D weights as [in, out]; nn.Linear stores [out, in].
+    # GPT-2 stores Conv1D weights as [in, out]; nn.Linear stores [out, in] (`WeightLayout`).
     weight_is_transposed: bool = False
 
 
