@@ -46,17 +46,17 @@ from edits import (
 )
 from harness import machine_info, write_report
 
-from editserve.architectures import resolve
 from editserve.edits.journal import fingerprint
-from editserve.engine.workbench import make_workbench
 from editserve.eval.metrics import agreement, mean
 from editserve.modelstore import load_model
 from editserve.prompts import question_prompt
 from methods.alphaedit import alphaedit_solver, load_alphaedit_hparams, protected_grams
+from methods.architectures import resolve
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import chat_sequence, collect_keys
 from methods.memit import compute_targets, load_memit_hparams, memit_solver, probe, spread
 from methods.stats import StatsCache, StatsSource
+from methods.workbench import make_workbench
 
 ANSWER_TOKENS = 24
 LOCALITY_TOKENS = 16

@@ -135,8 +135,8 @@ def stats_layers(config) -> list[int]:  # noqa: ANN001 (a transformers config)
 
 def stats_context(loaded):  # noqa: ANN001, ANN201 (LoadedModel -> EditContext; lazy imports)
     """What computing statistics needs of a loaded model (no chat prompts, no edits)."""
-    from editserve.architectures import resolve
     from editserve.edits.journal import fingerprint
+    from methods.architectures import resolve
     from methods.base import EditContext
 
     return EditContext(

@@ -48,15 +48,10 @@ def load_alphaedit_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> AlphaEditHyperParams:
     h = load_hparams(AlphaEditHyperParams, "alphaedit", model_type, num_layers, overrides)
-    problems = check_common(h, num_layers)
-    if not h.nullspace_threshold > 0:
-        problems.append(f"nullspace_threshold must be positive, not {h.nullspace_threshold}")
-    if not h.l2 > 0:
-        problems.append(f"l2 must be positive, not {h.l2}")
-    if not h.preserve_weight >= 0:
-        problems.append(f"preserve_weight must not be negative, not {h.preserve_weight}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    check = check_common(h, num_layers)
+    check.positive("nullspace_threshold", "l2")
+    check.not_negative("preserve_weight")
+    check.done()
     return h
 
 

@@ -1,7 +1,7 @@
 """What every editing method takes and returns.
 
 A method computes; it never changes the model. It gets a *workbench*: module objects of its own
-that share the live model's weight tensors (see `editserve.engine.workbench`), so it may register
+that share the live model's weight tensors (see `methods.workbench`), so it may register
 hooks freely while the server keeps answering on the live modules. It returns a `ParamDelta`,
 which only `editserve` applies, journals and undoes.
 """
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from editserve.architectures import ResolvedArch
+from methods.architectures import ResolvedArch
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,21 @@
 - low-rank deltas that earlier requests of the same edit added, emulated with a forward hook
   (the weights are the live server's tensors: nothing here ever writes them).
 
-The target-value optimisation lives in `methods.values`.
+The target-value optimisation lives in `methods.value_optimiser`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from methods.base import EditContext
+from methods.base import EditContext, EditRequest
+from methods.workbench import added_weights, hooks
 
 # Prefixes a question is also asked behind; "" (the bare question) is always first.
 CONTEXT_PREFIXES: tuple[str, ...] = (
@@ -150,6 +151,24 @@ def chat_sequence(
     )
 
 
+def edit_sequences(
+    ctx: EditContext, request: EditRequest, n_contexts: int, n_essence: int
+) -> tuple[list[ChatSequence], list[ChatSequence]]:
+    """Rewriting sequences (the prompt in `n_contexts` contexts, then the target) and the first
+    `n_essence` essence questions about the subject (their first answer token is held in place
+    by the KL term). ValueError on a subject missing from the prompt, or an empty target."""
+    answer = target_ids(ctx.tokenizer, request.target_new)
+    rewrites = [
+        chat_sequence(ctx, question, request.subject, answer)
+        for question in context_questions(request.prompt, n_contexts)
+    ]
+    essence = [
+        chat_sequence(ctx, q.format(request.subject), request.subject)
+        for q in ESSENCE_QUESTIONS[:n_essence]
+    ]
+    return rewrites, essence
+
+
 def padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, T] and lengths [B]."""
     width = max(len(s) for s in seqs)
@@ -166,12 +185,29 @@ def causal_mask(batch: int, width: int, device: torch.device) -> torch.Tensor:
 # -- keys ------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to cut a forward pass short once it has what it needs."""
 
 
 def first_input(inputs: tuple) -> torch.Tensor:
     return inputs[0]
+
+
+def first_output(output: torch.Tensor | tuple) -> torch.Tensor:
+    """A module's hidden states, whether it returns them alone or first in a tuple (a block)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def forward_until_stopped(ctx: EditContext, ids: torch.Tensor) -> None:
+    """The workbench's transformer (no LM head) over right-padded `ids` [B, T], without grad,
+    for the hooks registered on it to read; one raising `StopForward` ends the pass there."""
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            ctx.model.base_model(
+                input_ids=ids, attention_mask=causal_mask(*ids.shape, ctx.device), use_cache=False
+            )
+    except StopForward:
+        pass
 
 
 def collect_keys(ctx: EditContext, layer: int, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -188,7 +224,6 @@ def collect_layer_keys(
     """Inputs of `down_proj(l)` at every position for each l in `layers`: {l: [B, T, d_in]}
     (right-padded rows), from one forward that stops at the last of them."""
     ids, _ = padded(seqs, pad=_pad_id(ctx))
-    ids = ids.to(ctx.device)
     last = max(layers)
     captured: dict[int, torch.Tensor] = {}
 
@@ -196,62 +231,24 @@ def collect_layer_keys(
         def hook(_: nn.Module, inputs: tuple) -> None:
             captured[layer] = first_input(inputs).detach()
             if layer == last:
-                raise _Stop
+                raise StopForward
 
         return hook
 
-    handles = [ctx.arch.down_proj(i).register_forward_pre_hook(grab(i)) for i in set(layers)]
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            ctx.model.base_model(
-                input_ids=ids, attention_mask=causal_mask(*ids.shape, ctx.device), use_cache=False
-            )
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks(ctx.arch.down_proj(i).register_forward_pre_hook(grab(i)) for i in set(layers)):
+        forward_until_stopped(ctx, ids.to(ctx.device))
     return captured
 
 
 # -- deltas of earlier requests ------------------------------------------------------------------
 
 
-@contextmanager
 def added_low_rank(
     ctx: EditContext, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> Iterator[None]:
-    """Makes the workbench compute as if W + U @ V for each named weight, through forward hooks.
-
-    U [out, r], V [r, in] are in the parameter's own layout; GPT-2's Conv1D stores [in, out] and
-    computes x W, so there the added output is x U V rather than x Vᵀ Uᵀ.
-    """
-    transposed = ctx.arch.spec.weight_is_transposed
-    handles = []
-    for name, (u, v) in deltas.items():
-        module = ctx.model.get_submodule(name.rpartition(".")[0])
-
-        def hook(_: nn.Module, inputs: tuple, output: torch.Tensor, u=u, v=v) -> torch.Tensor:
-            x = first_input(inputs)  # [..., in]
-            u, v = u.to(x), v.to(x)
-            return output + ((x @ u) @ v if transposed else (x @ v.T) @ u.T)
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def low_rank_in_layout(
-    ctx: EditContext, left: torch.Tensor, right: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, V) with U @ V = left [d_out, r] @ right [r, d_in] in the parameter's own layout
-    (GPT-2's Conv1D stores [in, out]: there U @ V is the transpose)."""
-    if ctx.arch.spec.weight_is_transposed:
-        return right.T.contiguous(), left.T.contiguous()
-    return left.contiguous(), right.contiguous()
+) -> AbstractContextManager[None]:
+    """Makes the workbench compute as if W + U @ V for each named weight, through forward hooks
+    (U [out, r], V [r, in] in the parameter's own layout: `WeightLayout.stored_factors`)."""
+    return added_weights(ctx.model, ctx.arch.layout, deltas)
 
 
 def _pad_id(ctx: EditContext) -> int:

@@ -13,19 +13,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
+    CONTEXT_PREFIXES,
     MAX_STEPS,
     causal_mask,
     chat_sequence,
     context_questions,
-    first_input,
     padded,
     target_ids,
 )
-from methods.hparams import load_hparams
+from methods.hparams import HparamCheck, load_hparams
+from methods.workbench import added_weights
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,12 @@ def load_ft_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> FtHyperParams:
     h = load_hparams(FtHyperParams, "ft", model_type, num_layers, overrides)
-    problems = []
-    if not 0 <= (h.layer or 0) < num_layers:
-        problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not 1 <= h.n_contexts <= 10:
-        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
-    for name in ("lr", "norm_constraint"):
-        if not getattr(h, name) > 0:
-            problems.append(f"{name} must be positive, not {getattr(h, name)}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    check = HparamCheck(h)
+    check.in_range("layer", 0, num_layers - 1)
+    check.in_range("steps", 1, MAX_STEPS)
+    check.in_range("n_contexts", 1, len(CONTEXT_PREFIXES))
+    check.positive("lr", "norm_constraint")
+    check.done()
     return h
 
 
@@ -74,20 +68,12 @@ def compute_ft(ctx: EditContext, requests: list[EditRequest], h: FtHyperParams) 
     cols = torch.tensor([s.answer_pos + j for s in seqs for j in range(len(s.answer))], device=dev)
     tgt = torch.tensor([t for s in seqs for t in s.answer], device=dev)
 
-    module = ctx.arch.down_proj(h.layer)
-    weight = module.weight
-    transposed = ctx.arch.spec.weight_is_transposed  # GPT-2 Conv1D: [in, out], y = x W
+    name = ctx.arch.down_proj_name(h.layer)
+    weight = ctx.arch.down_proj(h.layer).weight
     with torch.inference_mode(False), torch.enable_grad():
         delta = torch.zeros(weight.shape, dtype=torch.float32, device=dev, requires_grad=True)
-
-        def add(_: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = first_input(inputs)
-            d = delta.to(x.dtype)
-            return output + (x @ d if transposed else x @ d.T)
-
         optimiser = torch.optim.Adam([delta], lr=h.lr)
-        handle = module.register_forward_hook(add)
-        try:
+        with added_weights(ctx.model, ctx.arch.layout, {name: delta}):
             for _ in range(h.steps):
                 hidden = ctx.model.base_model(
                     input_ids=ids, attention_mask=causal_mask(*ids.shape, dev), use_cache=False
@@ -101,7 +87,4 @@ def compute_ft(ctx: EditContext, requests: list[EditRequest], h: FtHyperParams) 
                 optimiser.step()
                 with torch.no_grad():
                     delta.clamp_(-h.norm_constraint, h.norm_constraint)
-        finally:
-            handle.remove()
-    name = ctx.arch.down_proj_name(h.layer)
     return ParamDelta(dense={name: delta.detach().cpu()})

@@ -11,8 +11,8 @@ Per request:
    lies within the key's radius, makes the model generate the target after the chat prompt.
    Trained by `memory.value_training.train_value` through `Codebook.attached`, i.e. with exactly
    the lookup the server runs, the existing entries included (expand/split may change them). The
-   prompt's prefix is recorded once (`methods.values.SuffixReplay`); each step re-runs only the
-   last prompt token and the teacher-forced target.
+   prompt's prefix is recorded once (`methods.suffix_replay.SuffixReplay`); each step re-runs
+   only the last prompt token and the teacher-forced target.
 3. the codebook op (key, label = the normalised target, value, radius ε₀) is what the edit
    journals; the live codebook folds it with GRACE's new/expand/split rules
    (`memory.grace_rules`). Several requests of one edit are trained in turn on a scratch copy
@@ -35,9 +35,9 @@ from memory.codebook import Codebook
 from memory.value_training import train_value
 from methods.base import EditContext, EditRequest
 from methods.common import MAX_STEPS, ChatSequence, target_ids
-from methods.hparams import load_hparams
+from methods.hparams import HparamCheck, load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload
-from methods.values import SuffixReplay
+from methods.suffix_replay import SuffixReplay
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +56,13 @@ def load_grace_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> GraceHyperParams:
     h = load_hparams(GraceHyperParams, "grace", model_type, num_layers, overrides)
-    problems = []
-    if not 0 <= h.layer < num_layers:
-        problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if not h.radius > 0:
-        problems.append(f"radius must be positive, not {h.radius}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not h.lr > 0:
-        problems.append(f"lr must be positive, not {h.lr}")
-    if not h.stop_below >= 0:
-        problems.append(f"stop_below must be at least 0, not {h.stop_below}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    check = HparamCheck(h)
+    check.in_range("layer", 0, num_layers - 1)
+    check.positive("radius")
+    check.in_range("steps", 1, MAX_STEPS)
+    check.positive("lr")
+    check.require(h.stop_below >= 0, f"stop_below must be at least 0, not {h.stop_below}")
+    check.done()
     return h
 
 

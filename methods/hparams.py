@@ -12,6 +12,8 @@ Every file but `default.yaml` says which models it is for:
 and a request's overrides replace both. A `layer: null` default means num_layers // 6 (ROME's
 early-middle MLP, layer 5 of 32 for 7B Llama; 17 of 48 in GPT-2 XL was chosen by causal tracing);
 `layers: null` (MEMIT, AlphaEdit) five consecutive layers around it.
+
+Each method's `load_<method>_hparams` then checks the values' ranges with `HparamCheck`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
+from collections.abc import Sequence
 from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any, TypeVar
@@ -153,3 +156,50 @@ def load_hparams(
     merged = {**values, **(overrides or {})}
     _default_layers(known, merged, num_layers)
     return cls(**{k: _coerce(k, v, hints[k]) for k, v in merged.items()})
+
+
+class HparamCheck:
+    """The range checks of one method's loaded hyperparameters. Problems are gathered, so that
+    a client reads all of them in one error (`done`), not one per attempt."""
+
+    def __init__(self, hparams: object) -> None:
+        self.hparams = hparams
+        self.problems: list[str] = []
+
+    def require(self, ok: bool, problem: str) -> HparamCheck:
+        if not ok:
+            self.problems.append(problem)
+        return self
+
+    def in_range(self, name: str, low: int, high: int) -> HparamCheck:
+        value = getattr(self.hparams, name)
+        return self.require(low <= value <= high, f"{name} must be in {low}..{high}, not {value}")
+
+    def positive(self, *names: str) -> HparamCheck:
+        for name in names:
+            value = getattr(self.hparams, name)
+            self.require(value > 0, f"{name} must be positive, not {value}")
+        return self
+
+    def not_negative(self, *names: str) -> HparamCheck:
+        for name in names:
+            value = getattr(self.hparams, name)
+            self.require(value >= 0, f"{name} must not be negative, not {value}")
+        return self
+
+    def one_of(self, name: str, choices: Sequence[str]) -> HparamCheck:
+        value = getattr(self.hparams, name)
+        return self.require(
+            value in choices, f"{name} must be one of {', '.join(choices)}, not {value!r}"
+        )
+
+    def cosine_threshold(self, name: str) -> HparamCheck:
+        value = getattr(self.hparams, name)
+        return self.require(
+            -1.0 <= value <= 1.0, f"{name} is a cosine similarity threshold in [-1, 1], not {value}"
+        )
+
+    def done(self, heading: str = "") -> None:
+        """Raises ValueError (a client reads its message) naming every problem found."""
+        if self.problems:
+            raise ValueError(heading + "; ".join(self.problems))

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from methods.base import EditContext, EditRequest
-from methods.hparams import load_hparams
-from methods.memory_common import MemoryContext, MemoryPayload, check_threshold, fact_text
+from methods.hparams import HparamCheck, load_hparams
+from methods.memory_common import MemoryContext, MemoryPayload, fact_text
 
 # Invented facts (no real data): copy, update and retain demonstrations, as chat turns. The
 # retain answer must not name anything a user might edit towards: the model copies demos.
@@ -64,9 +64,7 @@ class IkeHyperParams:
 
 def load_ike_hparams(model_type: str, num_layers: int, overrides: dict | None = None) -> Any:
     h = load_hparams(IkeHyperParams, "ike", model_type, num_layers, overrides)
-    problem = check_threshold("threshold", h.threshold)
-    if problem:
-        raise ValueError(problem)
+    HparamCheck(h).cosine_threshold("threshold").done()
     return h
 
 

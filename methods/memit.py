@@ -1,8 +1,8 @@
 """MEMIT (Meng et al. 2023): a batch of facts spread over several MLP layers.
 
 1. Targets. For each request, δ_i is optimised at the output of the *last* edited layer L (at the
-   subject's last token, in the chat contexts; `methods.values`): z_i = h_L(i) + δ_i is the
-   residual stream that makes the model answer the new target.
+   subject's last token, in the chat contexts; `methods.value_optimiser`): z_i = h_L(i) + δ_i is
+   the residual stream that makes the model answer the new target.
 2. Spreading. For each edited layer l, lowest first, with the updates of the layers below in
    place: K_l [n, d_in] the requests' keys at l (averaged over contexts), R = (z − h_L) / (layers
    left) the part of the remaining residual this layer takes, and ΔW_l = Rᵀ (λC_l + KᵀK)⁻¹K
@@ -26,20 +26,22 @@ from torch import nn
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
+    CONTEXT_PREFIXES,
     ESSENCE_QUESTIONS,
     MAX_STEPS,
     ChatSequence,
+    StopForward,
     added_low_rank,
-    causal_mask,
-    chat_sequence,
-    context_questions,
+    edit_sequences,
     first_input,
-    low_rank_in_layout,
+    first_output,
+    forward_until_stopped,
     padded,
-    target_ids,
 )
-from methods.hparams import load_hparams
-from methods.values import SuffixReplay, ValueGroup, ValueSettings, optimise_values
+from methods.hparams import HparamCheck, load_hparams
+from methods.suffix_replay import SuffixReplay
+from methods.value_optimiser import ValueGroup, ValueSettings, optimise_values
+from methods.workbench import hooks
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +66,29 @@ class MemitHyperParams(TargetHyperParams):
     mom2_update_weight: float = 15000.0  # λ: how much ordinary keys weigh against the edits
 
 
-def check_common(h: TargetHyperParams, num_layers: int) -> list[str]:
-    """Problems with the hyperparameters MEMIT and AlphaEdit share."""
-    problems = []
+def check_common(h: TargetHyperParams, num_layers: int) -> HparamCheck:
+    """The checks of the hyperparameters MEMIT and AlphaEdit share (the caller adds its own)."""
     layers = h.layers or ()
-    if any(not 0 <= layer < num_layers for layer in layers):
-        problems.append(f"layers must be in 0..{num_layers - 1}, not {list(layers)}")
-    if len(set(layers)) != len(layers):
-        problems.append(f"layers must not repeat, not {list(layers)}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not 1 <= h.n_contexts <= 10:
-        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
-    if not 0 <= h.n_essence <= len(ESSENCE_QUESTIONS):
-        problems.append(f"n_essence must be in 0..{len(ESSENCE_QUESTIONS)}, not {h.n_essence}")
-    for name in ("lr", "clamp_norm_factor"):
-        if not getattr(h, name) > 0:
-            problems.append(f"{name} must be positive, not {getattr(h, name)}")
-    for name in ("kl_factor", "weight_decay", "stop_margin"):
-        if not getattr(h, name) >= 0:
-            problems.append(f"{name} must not be negative, not {getattr(h, name)}")
-    return problems
+    check = HparamCheck(h)
+    check.require(
+        all(0 <= layer < num_layers for layer in layers),
+        f"layers must be in 0..{num_layers - 1}, not {list(layers)}",
+    )
+    check.require(len(set(layers)) == len(layers), f"layers must not repeat, not {list(layers)}")
+    check.in_range("steps", 1, MAX_STEPS)
+    check.in_range("n_contexts", 1, len(CONTEXT_PREFIXES))
+    check.in_range("n_essence", 0, len(ESSENCE_QUESTIONS))
+    check.positive("lr", "clamp_norm_factor")
+    check.not_negative("kl_factor", "weight_decay", "stop_margin")
+    return check
 
 
 def load_memit_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> MemitHyperParams:
-    hparams = load_hparams(MemitHyperParams, "memit", model_type, num_layers, overrides)
-    problems = check_common(hparams, num_layers)
-    if not hparams.mom2_update_weight >= 0:
-        problems.append(
-            f"mom2_update_weight must not be negative, not {hparams.mom2_update_weight}"
-        )
-    if problems:
-        raise ValueError("; ".join(problems))
-    return hparams
+    h = load_hparams(MemitHyperParams, "memit", model_type, num_layers, overrides)
+    check_common(h, num_layers).not_negative("mom2_update_weight").done()
+    return h
 
 
 # -- step 1: targets ----------------------------------------------------------------------------
@@ -118,34 +108,18 @@ def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyper
     seqs: list[ChatSequence] = []
     groups: list[ValueGroup] = []
     for request in requests:  # ValueError on a subject missing from its prompt
-        answer = target_ids(ctx.tokenizer, request.target_new)
-        rewrites = [
-            chat_sequence(ctx, q, request.subject, answer)
-            for q in context_questions(request.prompt, h.n_contexts)
-        ]
-        essence = [
-            chat_sequence(ctx, q.format(request.subject), request.subject)
-            for q in ESSENCE_QUESTIONS[: h.n_essence]
-        ]
+        rewrites, essence = edit_sequences(ctx, request, h.n_contexts, h.n_essence)
         first = len(seqs)
         seqs += [*rewrites, *essence]
         groups.append(
             ValueGroup(
                 rewrite_rows=tuple(range(first, first + len(rewrites))),
                 essence_rows=tuple(range(first + len(rewrites), len(seqs))),
-                answer=tuple(answer),
+                answer=rewrites[0].answer,
             )
         )
     replay = SuffixReplay(ctx, last, ctx.arch.down_proj(last), seqs, from_block=True)
-    settings = ValueSettings(
-        steps=h.steps,
-        lr=h.lr,
-        kl_factor=h.kl_factor,
-        weight_decay=h.weight_decay,
-        clamp_norm_factor=h.clamp_norm_factor,
-        stop_margin=h.stop_margin,
-    )
-    values = optimise_values(ctx, replay, groups, settings)
+    values = optimise_values(ctx, replay, groups, ValueSettings.of(h))
     steps, reached = [v.steps for v in values], [v.reached for v in values]
     log.info("targets: %d of %d reached; steps up to %d", sum(reached), len(values), max(steps))
     # δ was added to down_proj(L)'s output, i.e. to the residual stream after block L.
@@ -157,10 +131,6 @@ def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyper
 # -- step 2: spreading over the layers ----------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 def probe(
     ctx: EditContext, seqs: list[ChatSequence], layers: tuple[int, ...], last: int
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -169,7 +139,6 @@ def probe(
     sequence is run only up to its subject (attention is causal: nothing after it counts)."""
     cut = [s.ids[: s.subject_pos + 1] for s in seqs]
     ids, _ = padded(cut, pad=ctx.tokenizer.pad_token_id or 0)
-    ids = ids.to(ctx.device)
     rows = torch.arange(len(seqs), device=ctx.device)
     at = torch.tensor([s.subject_pos for s in seqs], device=ctx.device)
     keys: dict[int, torch.Tensor] = {}
@@ -182,22 +151,13 @@ def probe(
         return grab
 
     def grab_residual(_: nn.Module, __: tuple, output: torch.Tensor | tuple) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
-        out.append(hidden[rows, at].float())
-        raise _Stop
+        out.append(first_output(output)[rows, at].float())
+        raise StopForward
 
     handles = [ctx.arch.down_proj(i).register_forward_pre_hook(key_hook(i)) for i in layers]
     handles.append(ctx.arch.layers[last].register_forward_hook(grab_residual))
-    try:
-        with torch.no_grad():
-            ctx.model.base_model(
-                input_ids=ids, attention_mask=causal_mask(*ids.shape, ctx.device), use_cache=False
-            )
-    except _Stop:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks(handles):
+        forward_until_stopped(ctx, ids.to(ctx.device))
     return keys, out[0]
 
 
@@ -228,7 +188,7 @@ def spread(
         k = _mean_by(keys[layer], owner, len(groups))  # [n, d_in], averaged over contexts
         resid = (targets.z - h_last) / (len(layers) - i)  # [n, d]
         right = solve(layer, k.double(), name).float()  # [n, d_in]
-        delta.low_rank[name] = low_rank_in_layout(ctx, resid.T.cpu(), right.cpu())
+        delta.low_rank[name] = ctx.arch.layout.stored_factors(resid.T.cpu(), right.cpu())
         delta.keys[name] = k.cpu()
         log.debug("layer %d: |resid| %.3f", layer, float(resid.norm(dim=1).mean()))
     return delta

@@ -46,10 +46,3 @@ def fact_text(prompt: str, target: str) -> str:
     """A fact as one line: the question and its new answer (QA-shaped: measured to steer the
     embedded chat model better than the bare "{prompt} {target}"; docs/memory-edits.md)."""
     return f"{prompt.strip()} Answer: {target.strip()}"
-
-
-def check_threshold(name: str, value: float) -> str | None:
-    """A problem with a cosine-similarity threshold, or None."""
-    if not -1.0 <= value <= 1.0:
-        return f"{name} is a cosine similarity threshold in [-1, 1], not {value}"
-    return None

@@ -9,7 +9,7 @@ Steps, named as in the paper:
 1. `compute_key`: k* = the down-projection input at the subject's last token, averaged over the
    prompt asked alone and behind fixed context prefixes, all in the chat template.
 2. `compute_value`: v* = W k* + δ, δ optimised so that the target follows the chat prompt's
-   assistant header (see `methods.values`).
+   assistant header (see `methods.value_optimiser`).
 3. `solve_update`: ΔW = (v* − W k*) (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*) = δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*).
    C = I by default; `covariance: context` uses the second moment of the keys at every other
    token of the edit's own chat contexts (system prompt, template, question) plus a ridge, so
@@ -30,19 +30,18 @@ import torch
 
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import (
+    CONTEXT_PREFIXES,
     ESSENCE_QUESTIONS,
     MAX_STEPS,
     NEUTRAL_QUESTIONS,
     ChatSequence,
     added_low_rank,
-    chat_sequence,
     collect_keys,
-    context_questions,
-    low_rank_in_layout,
-    target_ids,
+    edit_sequences,
 )
-from methods.hparams import load_hparams
-from methods.values import SuffixReplay, ValueGroup, ValueResult, ValueSettings, optimise_values
+from methods.hparams import HparamCheck, load_hparams
+from methods.suffix_replay import SuffixReplay
+from methods.value_optimiser import ValueGroup, ValueResult, ValueSettings, optimise_values
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +65,6 @@ class RomeHyperParams:
 COVARIANCES = ("none", "context")
 
 
-def _check(h: RomeHyperParams, num_layers: int) -> None:
-    problems = []
-    if not 0 <= h.layer < num_layers:
-        problems.append(f"layer must be in 0..{num_layers - 1}, not {h.layer}")
-    if not 1 <= h.steps <= MAX_STEPS:
-        problems.append(f"steps must be in 1..{MAX_STEPS}, not {h.steps}")
-    if not 1 <= h.n_contexts <= 10:
-        problems.append(f"n_contexts must be in 1..10, not {h.n_contexts}")
-    for name in ("lr", "clamp_norm_factor", "cov_ridge"):
-        if not getattr(h, name) > 0:
-            problems.append(f"{name} must be positive, not {getattr(h, name)}")
-    if not 0 <= h.n_neutral <= len(NEUTRAL_QUESTIONS):
-        problems.append(f"n_neutral must be in 0..{len(NEUTRAL_QUESTIONS)}, not {h.n_neutral}")
-    for name in ("kl_factor", "weight_decay", "stop_margin"):
-        if not getattr(h, name) >= 0:
-            problems.append(f"{name} must not be negative, not {getattr(h, name)}")
-    if h.covariance not in COVARIANCES:
-        problems.append(f"covariance must be one of {', '.join(COVARIANCES)}, not {h.covariance!r}")
-    if problems:
-        raise ValueError("invalid ROME hyperparameters: " + "; ".join(problems))
-
-
 def load_rome_hparams(
     model_type: str, num_layers: int, overrides: dict | None = None
 ) -> RomeHyperParams:
@@ -95,28 +72,20 @@ def load_rome_hparams(
 
     Raises ValueError naming any unknown key, wrongly typed value or value out of range.
     """
-    hparams = load_hparams(RomeHyperParams, "rome", model_type, num_layers, overrides)
-    _check(hparams, num_layers)
-    return hparams
+    h = load_hparams(RomeHyperParams, "rome", model_type, num_layers, overrides)
+    check = HparamCheck(h)
+    check.in_range("layer", 0, num_layers - 1)
+    check.in_range("steps", 1, MAX_STEPS)
+    check.in_range("n_contexts", 1, len(CONTEXT_PREFIXES))
+    check.positive("lr", "clamp_norm_factor", "cov_ridge")
+    check.in_range("n_neutral", 0, len(NEUTRAL_QUESTIONS))
+    check.not_negative("kl_factor", "weight_decay", "stop_margin")
+    check.one_of("covariance", COVARIANCES)
+    check.done("invalid ROME hyperparameters: ")
+    return h
 
 
 # -- the paper's steps ---------------------------------------------------------------------------
-
-
-def build_contexts(
-    ctx: EditContext, request: EditRequest, hparams: RomeHyperParams
-) -> tuple[list[ChatSequence], list[ChatSequence]]:
-    """Rewriting sequences (the prompt in n contexts, then the target) and essence questions
-    about the subject (their first answer token is held in place by the KL term)."""
-    answer = target_ids(ctx.tokenizer, request.target_new)
-    rewrites = [
-        chat_sequence(ctx, question, request.subject, answer)
-        for question in context_questions(request.prompt, hparams.n_contexts)
-    ]
-    essence = [
-        chat_sequence(ctx, q.format(request.subject), request.subject) for q in ESSENCE_QUESTIONS
-    ]
-    return rewrites, essence
 
 
 def compute_key(replay: SuffixReplay, n_rewrites: int) -> torch.Tensor:
@@ -140,8 +109,7 @@ def context_covariance(replay: SuffixReplay, neutral: torch.Tensor, ridge: float
 def neutral_keys(ctx: EditContext, layer: int, n: int) -> torch.Tensor:
     """Keys [N, d_in] at every token of `n` unrelated chat prompts (a forward cut at `layer`)."""
     if n == 0:
-        weight = ctx.arch.down_proj(layer).weight  # [out, in], or [in, out] for Conv1D
-        d_in = weight.shape[0] if ctx.arch.spec.weight_is_transposed else weight.shape[1]
+        d_in = ctx.arch.layout.input_width(ctx.arch.down_proj(layer).weight)
         return torch.zeros(0, d_in, device=ctx.device)
     prompts = [ctx.chat_prompt(q) for q in NEUTRAL_QUESTIONS[:n]]
     keys = collect_keys(ctx, layer, prompts)  # [n, T, d_in]
@@ -162,22 +130,13 @@ def compute_value(
     ctx: EditContext, replay: SuffixReplay, rewrites: list[ChatSequence], hparams: RomeHyperParams
 ) -> ValueResult:
     """δ = v* − W k*, added to the MLP output of the edit layer at the subject."""
-    settings = ValueSettings(
-        steps=hparams.steps,
-        lr=hparams.lr,
-        kl_factor=hparams.kl_factor,
-        weight_decay=hparams.weight_decay,
-        clamp_norm_factor=hparams.clamp_norm_factor,
-        stop_margin=hparams.stop_margin,
-        stop_on_prompt=hparams.stop_on_prompt,
-    )
     n = len(rewrites)
     group = ValueGroup(
         rewrite_rows=tuple(range(n)),
         essence_rows=tuple(range(n, replay.suffix.shape[0])),
         answer=rewrites[0].answer,
     )
-    (result,) = optimise_values(ctx, replay, [group], settings)
+    (result,) = optimise_values(ctx, replay, [group], ValueSettings.of(hparams))
     return result
 
 
@@ -187,7 +146,9 @@ def compute_rome(
     """One rank-one update of `down_proj(layer)` per request, stacked (rank k for k requests)."""
     if not requests:
         raise ValueError("a ROME edit needs at least one request")
-    contexts = [build_contexts(ctx, r, hparams) for r in requests]  # ValueError on bad subjects
+    contexts = [  # ValueError on bad subjects
+        edit_sequences(ctx, r, hparams.n_contexts, len(ESSENCE_QUESTIONS)) for r in requests
+    ]
     name = ctx.arch.down_proj_name(hparams.layer)
     module = ctx.arch.down_proj(hparams.layer)
     neutral = None
@@ -227,4 +188,5 @@ def compute_rome(
 def _in_layout(
     ctx: EditContext, lefts: list[torch.Tensor], rights: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return low_rank_in_layout(ctx, torch.cat(lefts, dim=1).cpu(), torch.cat(rights, dim=0).cpu())
+    left, right = torch.cat(lefts, dim=1).cpu(), torch.cat(rights, dim=0).cpu()
+    return ctx.arch.layout.stored_factors(left, right)

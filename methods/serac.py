@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from methods.base import EditContext, EditRequest
-from methods.hparams import load_hparams
-from methods.memory_common import MemoryContext, MemoryPayload, check_threshold, fact_text
+from methods.hparams import HparamCheck, load_hparams
+from methods.memory_common import MemoryContext, MemoryPayload, fact_text
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,7 @@ class SeracHyperParams:
 
 def load_serac_hparams(model_type: str, num_layers: int, overrides: dict | None = None) -> Any:
     h = load_hparams(SeracHyperParams, "serac", model_type, num_layers, overrides)
-    problem = check_threshold("threshold", h.threshold)
-    if problem:
-        raise ValueError(problem)
+    HparamCheck(h).cosine_threshold("threshold").done()
     return h
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from methods.base import EditContext
-from methods.common import causal_mask, first_input
+from methods.common import StopForward, first_input, forward_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,6 @@ class StatsSource:
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     """The file's content hash, computed once per (path, size, mtime)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-
-
-class _Stop(Exception):
-    """Raised once the last layer needed has been seen: the rest of the model never runs."""
 
 
 def corpus_rows(ctx: EditContext, path: str, n_tokens: int, seq_len: int) -> list[list[int]]:
@@ -181,7 +177,7 @@ class _Accumulator:
             if sum(k.shape[0] for k in self.pending[layer]) >= self.BLOCK:
                 self._flush(layer)
             if self.stop and layer == self.layers[-1]:
-                raise _Stop
+                raise StopForward  # the rest of the model never runs
 
         return grab
 
@@ -222,16 +218,7 @@ def second_moments(
     total, done = sum(len(b) * len(b[0]) for b in batches), 0
     with _Accumulator(ctx, layers, stop=True) as acc:
         for chunk in tqdm(batches, desc="second moments", unit="batch", leave=False):
-            ids = torch.tensor(chunk, dtype=torch.long, device=ctx.device)
-            try:
-                with torch.inference_mode():
-                    ctx.model.base_model(
-                        input_ids=ids,
-                        attention_mask=causal_mask(*ids.shape, ctx.device),
-                        use_cache=False,
-                    )
-            except _Stop:
-                pass
+            forward_until_stopped(ctx, torch.tensor(chunk, dtype=torch.long, device=ctx.device))
             done += len(chunk) * len(chunk[0])
             if progress is not None:
                 progress(done, total)

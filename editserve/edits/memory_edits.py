@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from editserve.architectures import ResolvedArch
 from memory.codebook import Codebook
 from memory.encoder import DIM, EncoderUnavailable, SentenceEncoder
 from memory.index import EditMemory, Hit
 from memory.scope import CANDIDATES, ScopeClassifier
+from methods.architectures import ResolvedArch
 from methods.grace import label
 from methods.ike import condition
 from methods.memory_common import MemoryContext, MemoryPayload

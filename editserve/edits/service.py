@@ -26,7 +26,6 @@ import torch
 from safetensors import SafetensorError
 
 from editserve.answers import contains_answer
-from editserve.architectures import resolve
 from editserve.edits.journal import STAGED_MARKER, CorruptPayload, Journal, fingerprint
 from editserve.edits.ledger import DeltaRejected, WeightLedger
 from editserve.edits.memory_edits import MemoryEdits, describe
@@ -38,16 +37,17 @@ from editserve.edits.statistics import Statistics, default_layers
 from editserve.engine.request import OutputStream
 from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
-from editserve.engine.workbench import added_delta, make_workbench
 from editserve.faults import crash_point
 from editserve.heap import give_back_free_memory
 from editserve.prompts import PromptRenderer, Retrieve
 from editserve.threads import in_worker
 from memory.encoder import SentenceEncoder
 from memory.scope import ScopeClassifier
+from methods.architectures import resolve
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.memory_common import MemoryPayload
 from methods.stats import StatsCache, StatsSource
+from methods.workbench import added_delta, make_workbench
 
 log = logging.getLogger(__name__)
 

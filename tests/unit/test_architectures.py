@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from editserve.architectures import UnsupportedArchitecture, resolve
+from methods.architectures import UnsupportedArchitecture, resolve
 from tests.conftest import tiny_model
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from editserve.architectures import resolve
 from methods import hparams
+from methods.architectures import resolve
 from methods.base import EditContext
 from methods.common import (
     CONTEXT_PREFIXES,
@@ -23,7 +23,8 @@ from methods.common import (
     target_ids,
 )
 from methods.hparams import load_hparams
-from methods.values import SuffixReplay, ValueGroup, ValueSettings, optimise_values
+from methods.suffix_replay import SuffixReplay
+from methods.value_optimiser import ValueGroup, ValueSettings, optimise_values
 from tests.conftest import tiny_model
 
 

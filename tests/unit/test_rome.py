@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from editserve.architectures import resolve
+from methods.architectures import resolve
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import target_ids
 from methods.rome import RomeHyperParams, compute_rome, load_rome_hparams

@@ -16,12 +16,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import methods.stats as stats_module
-from editserve.architectures import resolve
 from editserve.edits.journal import Journal
 from editserve.edits.service import EditService
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.modelstore import LoadedModel
 from methods.alphaedit import compute_alphaedit, load_alphaedit_hparams
+from methods.architectures import resolve
 from methods.base import EditContext, EditRequest
 from methods.stats import StatsCache, StatsSource, corpus_rows, sampled_moments, second_moments
 from tests.conftest import tiny_model
