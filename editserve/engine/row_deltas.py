@@ -20,6 +20,7 @@ A forward on another thread (a workbench sharing these hooks) sees no assignment
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,7 +63,10 @@ class RowDeltaHooks:
         self._modules = {n: m for n, m in model.named_modules() if id(m) in inside}
         self._device = next(model.parameters()).device
         self._hooks: dict[str, RemovableHandle] = {}
-        self._registered: dict[RowDelta, None] = {}  # an ordered set of the live deltas
+        self._registered: set[RowDelta] = set()  # the live deltas
+        # How many registered deltas touch each module: kept as they come and go, so a decode
+        # step never walks the registry (1,000 deltas must cost it nothing).
+        self._registered_at: Counter[str] = Counter()
         self._plan: _Plan | None = None
         self._owner = 0  # the thread whose forward the plan is for
 
@@ -100,22 +104,29 @@ class RowDeltaHooks:
         """Makes `delta` live: its modules are hooked until it is unregistered and no running
         request carries it (hooking is then done before any row needs it)."""
         self.check(delta)
-        self._registered[delta] = None
+        if delta not in self._registered:
+            self._registered.add(delta)
+            self._registered_at.update(delta.factors.keys())
         self._install(delta.factors)
 
     def unregister(self, delta: RowDelta) -> None:
         """Running requests that carry `delta` keep it; its hooks go once none does (`prune`)."""
-        self._registered.pop(delta, None)
+        if delta in self._registered:
+            self._registered.remove(delta)
+            self._registered_at.subtract(delta.factors.keys())
+            for name in [n for n in delta.factors if self._registered_at[n] <= 0]:
+                del self._registered_at[name]
 
     def prune(self, held: Iterable[tuple[RowDelta, ...]] = ()) -> None:
         """Removes the hooks of modules that no registered delta and no delta in `held` (those
         of every request still running) touches."""
-        if len(self._hooks) == 0:
+        unregistered = [n for n in self._hooks if n not in self._registered_at]
+        if not unregistered:
             return
-        needed = {name for d in self._registered for name in d.factors}
-        needed.update(name for deltas in held for d in deltas for name in d.factors)
-        for name in [n for n in self._hooks if n not in needed]:
-            self._hooks.pop(name).remove()
+        used = {name for deltas in held for d in deltas for name in d.factors}
+        for name in unregistered:
+            if name not in used:
+                self._hooks.pop(name).remove()
 
     @contextmanager
     def for_rows(self, assignment: Assignment, whole_batch: bool = False) -> Iterator[None]:

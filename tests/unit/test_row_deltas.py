@@ -255,6 +255,31 @@ def test_hooks_add_nothing_to_a_forward_on_another_thread() -> None:
     assert torch.equal(elsewhere[0], plain)
 
 
+def test_a_module_stays_hooked_while_a_registered_or_running_delta_touches_it() -> None:
+    model = tiny_model("llama").model
+    hooks = RowDeltaHooks(model, model.base_model)
+
+    def convert(layers: list[int], seed: int) -> RowDelta:
+        delta = random_delta(model, layers, seed)
+        return row_delta_from(delta, False, dtype=torch.float32, device="cpu")
+
+    first, second = convert([0], 7), convert([0, 1], 8)
+    layer = "model.layers.{}.mlp.down_proj".format
+    for delta in (first, second, second):  # registering twice counts once
+        hooks.register(delta)
+    assert hooks.hooked == [layer(0), layer(1)]
+    hooks.unregister(second)
+    hooks.prune([(second,)])  # a running request still carries it
+    assert hooks.hooked == [layer(0), layer(1)]
+    hooks.prune()
+    assert hooks.hooked == [layer(0)]
+    hooks.unregister(first)
+    hooks.unregister(first)
+    hooks.prune()
+    assert hooks.hooked == []
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("transposed", [False, True])
 def test_the_converter_reads_the_weight_layout(transposed: bool) -> None:
     """nn.Linear stores [out, in] and computes x Wᵀ; GPT-2's Conv1D stores [in, out], x W."""
