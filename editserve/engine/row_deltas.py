@@ -5,16 +5,19 @@ decode step, as multi-adapter servers give each row its own LoRA (Punica, S-LoRA
 edit is a `RowDelta`: per module, low-rank factors in input/output space, so that the module's
 output gains `(x @ down) @ up` on the rows that carry it and nothing anywhere else.
 
-A request's deltas are fixed when it is admitted (they are on its `RequestHandle`): its KV cache
-is built with them, and removing the edit from any registry leaves the running request on the
-objects it holds. `RowDeltaHooks` puts one forward hook on each module that some delta touches;
-before each forward the engine says which deltas each row carries (`for_rows`), and the hooks
-read that. Rows without a delta are left untouched, so they stay bit-identical to the unedited
-model; with no delta in the batch every hook returns at once.
+A request's deltas are chosen when it is submitted and never change (they are on its
+`RequestHandle`): its KV cache is built with them, resumed after a preemption too, and removing
+the edit from any registry leaves the request on the objects it holds.
 
-Thread model: only the engine thread calls `for_rows`, `register`, `unregister` and `prune`
-(they add and remove hooks on the live model); `check` only reads shapes and may run anywhere.
-A forward on another thread (a workbench sharing these hooks) sees no assignment.
+`RowDeltaHooks` puts one forward hook on each module that some delta touches; before each
+forward the engine says which deltas each row carries (`for_rows`), and the hooks read that.
+Rows without a delta are left untouched, so they stay bit-identical to the unedited model; with
+no delta in the batch every hook returns at once.
+
+Thread model: only the thread that owns the model (the engine thread; once it has stopped, the
+caller of `stop`) calls `for_rows`, `register`, `unregister` and `prune`, which add and remove
+hooks on the live model; `check` only reads shapes and may run anywhere. A forward on another
+thread (a workbench sharing these hooks) sees no assignment.
 """
 
 from __future__ import annotations

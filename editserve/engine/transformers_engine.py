@@ -131,6 +131,7 @@ class TransformersEngine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self._row_deltas.prune()  # nothing runs now: only registered deltas keep their hooks
         for future in [f for _, f, _ in self._exclusive] + [f for _, f in self._between]:
             future.set_exception(RuntimeError("the engine stopped"))
         self._exclusive.clear()
