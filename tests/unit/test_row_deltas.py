@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -86,10 +87,12 @@ def run_group(
     return tokens, torch.stack([first, *calls[rows:]], dim=1)
 
 
-def generate(engine: TransformersEngine, prompt: list[int], n: int, deltas=()) -> list[int]:  # noqa: ANN001
+def generate(
+    engine: TransformersEngine, prompt: list[int], n: int, deltas: tuple[RowDelta, ...] = ()
+) -> list[int]:
     async def go() -> list[int]:
         stream = OutputStream()
-        engine.submit(prompt, greedy(n), stream, row_deltas=tuple(deltas))
+        engine.submit(prompt, greedy(n), stream, row_deltas=deltas)
         return (await stream.results())[0].token_ids
 
     return asyncio.run(go())
@@ -156,7 +159,7 @@ def test_a_request_keeps_its_delta_after_it_is_removed(engine: TransformersEngin
     prompt = engine.tokenizer.encode("Once upon a time")
     long, short = 200, 15  # the first is far from done when the second joins
     delta = to_rows(engine, random_delta(engine.model, [1], seed=3), "A")
-    expected_with = generate(engine, prompt, long, [delta])
+    expected_with = generate(engine, prompt, long, (delta,))
     expected_without = generate(engine, prompt, short)
     assert expected_with[:short] != expected_without
 
@@ -178,7 +181,7 @@ def test_a_request_keeps_its_delta_after_it_is_removed(engine: TransformersEngin
             tokens += chunk.token_ids
         return tokens, (await later)[0].token_ids, in_flight
 
-    with_delta, without, in_flight = asyncio.run(go([delta]))
+    with_delta, without, in_flight = asyncio.run(go((delta,)))
     assert in_flight == 2
     assert with_delta == expected_with
     assert without == expected_without
@@ -191,7 +194,7 @@ def test_a_preempted_request_resumes_with_its_delta(engine: TransformersEngine) 
     prompt = engine.tokenizer.encode("Once upon a time")
     delta = to_rows(engine, random_delta(engine.model, [0, 1], seed=4), "A")
     total = 60
-    expected = generate(engine, prompt, total, [delta])
+    expected = generate(engine, prompt, total, (delta,))
 
     async def go() -> tuple[list[int], list[int], int]:
         stream = OutputStream()
@@ -211,7 +214,7 @@ def test_a_preempted_request_resumes_with_its_delta(engine: TransformersEngine) 
     k = versions.count(0)
     assert 5 <= k < total and versions == [0] * k + [1] * (total - k)
     assert tokens[:k] == expected[:k]
-    assert tokens[k:] == generate(engine, prompt + tokens[:k], total - k, [delta])
+    assert tokens[k:] == generate(engine, prompt + tokens[:k], total - k, (delta,))
     assert tokens[k:] != generate(engine, prompt + tokens[:k], total - k)
 
 
@@ -309,7 +312,7 @@ def test_the_converter_refuses_dense_deltas() -> None:
         row_delta_from(bias, False, dtype=torch.float32, device="cpu")
 
 
-def wait_until(condition, timeout_s: float = 5.0) -> None:  # noqa: ANN001
+def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "timed out"
