@@ -181,7 +181,7 @@ def test_a_request_keeps_its_delta_after_it_is_removed(engine: TransformersEngin
             tokens += chunk.token_ids
         return tokens, (await later)[0].token_ids, in_flight
 
-    with_delta, without, in_flight = asyncio.run(go((delta,)))
+    with_delta, without, in_flight = asyncio.run(go([delta]))
     assert in_flight == 2
     assert with_delta == expected_with
     assert without == expected_without
