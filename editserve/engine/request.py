@@ -13,6 +13,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from editserve.engine.row_deltas import RowDelta
 from editserve.engine.sampling import SamplingParams, TokenLogprob
 
 _ids = itertools.count()
@@ -114,6 +115,7 @@ class RequestHandle:
         params: SamplingParams,
         stream: OutputStream,
         still_valid: Callable[[], bool] | None = None,
+        row_deltas: tuple[RowDelta, ...] = (),
     ):
         self.request_id = f"req-{next(_ids)}"
         self.prompt_ids = prompt_ids
@@ -130,6 +132,9 @@ class RequestHandle:
         # instead of running it, and the caller renders it again.
         self.still_valid = still_valid
         self.stale = False
+        # The scoped deltas its rows get in every forward, resumed ones included: the objects,
+        # not edit ids, so that removing an edit never changes a request already submitted.
+        self.row_deltas = tuple(row_deltas)
 
     def push(self, item: GenerationChunk | BaseException) -> None:
         self.stream.push(self.index, item)

@@ -15,12 +15,13 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from editserve.engine.detokenizer import IncrementalDetokenizer
 from editserve.engine.limits import RequestLimits, RequestTooLarge
 from editserve.engine.request import OutputStream, RequestHandle
+from editserve.engine.row_deltas import RowDelta
 from editserve.engine.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,10 @@ class Scheduler:
         stream: OutputStream,
         still_valid: Callable[[], bool] | None = None,
         first: bool = False,
+        row_deltas: tuple[RowDelta, ...] = (),
     ) -> RequestHandle:
         """Queues one generation, unbounded by `max_waiting` (see `TransformersEngine.submit`)."""
-        handle = RequestHandle(prompt_ids, params, stream, still_valid)
+        handle = RequestHandle(prompt_ids, params, stream, still_valid, row_deltas)
         with self._wake:
             if first:
                 self._waiting.appendleft(handle)
@@ -83,12 +85,19 @@ class Scheduler:
         stream: OutputStream,
         still_valid: Callable[[], bool] | None = None,
         first: bool = False,
+        row_deltas: Sequence[tuple[RowDelta, ...]] | None = None,
     ) -> list[RequestHandle]:
         """Queues one call's generations as a group (see `TransformersEngine.submit_group`)."""
         if not 1 <= len(jobs) <= self.max_batch:
             raise ValueError(f"a group holds 1 to {self.max_batch} generations, not {len(jobs)}")
+        per_job = [()] * len(jobs) if row_deltas is None else list(row_deltas)
+        if len(per_job) != len(jobs):
+            raise ValueError(f"{len(per_job)} row-delta tuples for {len(jobs)} generations")
         self._check_room(jobs, first)
-        handles = [RequestHandle(ids, params, stream, still_valid) for ids, params in jobs]
+        handles = [
+            RequestHandle(ids, params, stream, still_valid, deltas)
+            for (ids, params), deltas in zip(jobs, per_job, strict=True)
+        ]
         with self._wake:
             if len(handles) > 1:
                 self._groups[handles[0].request_id] = len(handles)

@@ -10,6 +10,9 @@ the running ones' (see `SlotKVCache`), and the waiting queue has a length limit 
 A weight change waits for the batch to drain at most `drain_timeout_s`; then the running requests
 are preempted (their cache rows dropped), the change runs, and they resume on the new weights by
 prefilling their prompt and the tokens they had generated.
+
+Scoped edits need no drain: a request carries the row deltas it was submitted with
+(`editserve.engine.row_deltas`), and every forward adds them to its rows alone.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +31,7 @@ from editserve.engine.detokenizer import IncrementalDetokenizer
 from editserve.engine.kvcache import SlotKVCache, default_kv_cache_bytes, kv_bytes_per_token
 from editserve.engine.limits import RequestLimits
 from editserve.engine.request import GenerationChunk, OutputStream, PromptScores, RequestHandle
+from editserve.engine.row_deltas import RowDelta, RowDeltaHooks
 from editserve.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprobs
 from editserve.engine.scheduler import RunningRequest, Scheduler
 from editserve.modelstore import LoadedModel
@@ -68,6 +72,7 @@ class TransformersEngine:
         self.model_version = 0
         self._decoder = self.model.base_model  # everything up to and including the final norm
         self._lm_head = self.model.get_output_embeddings()
+        self._row_deltas = RowDeltaHooks(self.model, self._decoder)
         self.kv_bytes_per_token = kv_bytes_per_token(self.model)
         if kv_cache_bytes is None:
             kv_cache_bytes = default_kv_cache_bytes(
@@ -126,6 +131,7 @@ class TransformersEngine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self._row_deltas.prune()  # nothing runs now: only registered deltas keep their hooks
         for future in [f for _, f, _ in self._exclusive] + [f for _, f in self._between]:
             future.set_exception(RuntimeError("the engine stopped"))
         self._exclusive.clear()
@@ -156,6 +162,16 @@ class TransformersEngine:
             self._wake.notify()
         return future
 
+    def register_row_delta(self, delta: RowDelta) -> Future:
+        """Hooks `delta`'s modules before any request needs it, without draining; they stay
+        hooked until `unregister_row_delta` and the last request carrying it is done."""
+        self._row_deltas.check(delta)
+        return self.run_between_steps(lambda: self._row_deltas.register(delta))
+
+    def unregister_row_delta(self, delta: RowDelta) -> Future:
+        """Running and queued requests that carry `delta` keep it."""
+        return self.run_between_steps(lambda: self._row_deltas.unregister(delta))
+
     # -- called from the event loop ----------------------------------------------------------
 
     def submit(
@@ -165,13 +181,17 @@ class TransformersEngine:
         stream: OutputStream,
         still_valid: Callable[[], bool] | None = None,
         first: bool = False,
+        row_deltas: tuple[RowDelta, ...] = (),
     ) -> RequestHandle:
         """Queues a generation whose chunks go to `stream`. The caller checks limits first
         (`check_length`). `still_valid` is asked at admission (see `RequestHandle`); `first`
         puts it at the head of the queue (a stale request rendered again keeps its turn).
+        `row_deltas`: the scoped deltas it runs with (ValueError if one does not fit the model).
         Not bounded by `max_waiting`: for the server's own few generations (edit checks);
         clients' calls go through `submit_group`."""
-        return self._scheduler.submit(prompt_ids, params, stream, still_valid, first)
+        for delta in row_deltas:
+            self._row_deltas.check(delta)
+        return self._scheduler.submit(prompt_ids, params, stream, still_valid, first, row_deltas)
 
     def submit_group(
         self,
@@ -179,13 +199,16 @@ class TransformersEngine:
         stream: OutputStream,
         still_valid: Callable[[], bool] | None = None,
         first: bool = False,
+        row_deltas: Sequence[tuple[RowDelta, ...]] | None = None,
     ) -> list[RequestHandle]:
         """Queues one API call's generations (prompts x n) as a group: admitted in one step,
         all or none, so no exclusive change runs between them and they share one model version
         (the one the call's header reports). At most `max_batch` of them. Raises
         `RequestTooLarge` for a call the KV cache could never hold, `QueueFull` when
-        `max_waiting` generations wait."""
-        return self._scheduler.submit_group(jobs, stream, still_valid, first)
+        `max_waiting` generations wait. `row_deltas`: one tuple per job (None: none at all)."""
+        for delta in {d for deltas in row_deltas or () for d in deltas}:
+            self._row_deltas.check(delta)
+        return self._scheduler.submit_group(jobs, stream, still_valid, first, row_deltas)
 
     def completion_budget(self, prompt_tokens: int, requested: int | None) -> int:
         return self.limits.completion_budget(prompt_tokens, requested)
@@ -217,6 +240,7 @@ class TransformersEngine:
                         or self._between
                     ):
                         self._cache.shrink()  # idle: give grown cache memory back
+                        self._row_deltas.prune()  # and unhook what no live delta needs
                         release_thread_team()  # and the OpenMP team (editserve.threads)
                         self._wake.wait()
                     if self._stopping:
@@ -291,13 +315,14 @@ class TransformersEngine:
         first_row = len(self._running)
         in_use = max((r.length + 1 for r in self._running), default=0)
         self._cache.prepare_prefill(list(range(first_row, first_row + len(handles))), width, in_use)
-        hidden = self._decoder(
-            input_ids=input_ids,
-            attention_mask=causal.expand(len(handles), 1, width, width),
-            position_ids=positions,
-            cache=self._cache,
-            use_cache=True,
-        ).last_hidden_state
+        with self._row_deltas.for_rows([h.row_deltas for h in handles]):
+            hidden = self._decoder(
+                input_ids=input_ids,
+                attention_mask=causal.expand(len(handles), 1, width, width),
+                position_ids=positions,
+                cache=self._cache,
+                use_cache=True,
+            ).last_hidden_state
         for state, n in zip(states, lengths, strict=True):
             state.length = n
             self._running.append(state)
@@ -327,13 +352,14 @@ class TransformersEngine:
         width = max(lengths) + 1
         lengths_t = torch.tensor(lengths, device=self.device)
         visible = torch.arange(width, device=self.device)[None, :] <= lengths_t[:, None]
-        hidden = self._decoder(
-            input_ids=torch.tensor([[r.next_input] for r in batch], device=self.device),
-            attention_mask=visible[:, None, None, :],
-            position_ids=lengths_t[:, None],
-            cache=self._cache,
-            use_cache=True,
-        ).last_hidden_state
+        with self._row_deltas.for_rows([r.handle.row_deltas for r in batch], whole_batch=True):
+            hidden = self._decoder(
+                input_ids=torch.tensor([[r.next_input] for r in batch], device=self.device),
+                attention_mask=visible[:, None, None, :],
+                position_ids=lengths_t[:, None],
+                cache=self._cache,
+                use_cache=True,
+            ).last_hidden_state
         logits = self._lm_head(hidden[:, 0]).float()
         for row in range(len(batch)):
             batch[row].length += 1
