@@ -38,12 +38,12 @@ sys.path.append(str(ROOT / "bench"))
 
 from harness import machine_info, percentile, write_report  # noqa: E402
 
-from editserve.architectures import resolve  # noqa: E402
 from editserve.engine.request import OutputStream  # noqa: E402
 from editserve.engine.row_deltas import RowDelta, RowDeltaHooks  # noqa: E402
 from editserve.engine.sampling import SamplingParams  # noqa: E402
 from editserve.engine.transformers_engine import TransformersEngine  # noqa: E402
 from editserve.modelstore import load_model  # noqa: E402
+from methods.architectures import resolve  # noqa: E402
 
 QUESTIONS = (
     "What is the capital of France?",

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from editserve.architectures import resolve
 from editserve.edits.scoped import row_delta_from
 from editserve.engine.request import OutputStream
 from editserve.engine.row_deltas import RowDelta, RowDeltaHooks
 from editserve.engine.sampling import SamplingParams
 from editserve.engine.transformers_engine import TransformersEngine
+from methods.architectures import resolve
 from methods.base import ParamDelta
 from tests.conftest import tiny_model
 
