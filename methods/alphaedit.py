@@ -34,6 +34,7 @@ from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import chat_sequence, collect_layer_keys, context_questions, target_ids
 from methods.hparams import load_hparams
 from methods.memit import LayerSolve, TargetHyperParams, check_common, edit_layers
+from methods.spec import ALL_KINDS, MethodSpec
 
 
 @dataclass(frozen=True)
@@ -133,3 +134,14 @@ def compute_alphaedit(
 ) -> ParamDelta:
     solver = alphaedit_solver(ctx, h, protected_grams(ctx, h))
     return edit_layers(ctx, requests, h, "AlphaEdit", solver)
+
+
+SPEC = MethodSpec(
+    name="alphaedit",
+    kinds=ALL_KINDS,
+    max_requests=1000,
+    load_hparams=load_alphaedit_hparams,
+    compute=compute_alphaedit,
+    description="MEMIT projected onto the null space of preserved and earlier-edited keys",
+    reads_second_moments=True,
+)

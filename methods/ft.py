@@ -25,6 +25,7 @@ from methods.common import (
     target_ids,
 )
 from methods.hparams import HparamCheck, load_hparams
+from methods.spec import ALL_KINDS, MethodSpec
 from methods.workbench import added_weights
 
 
@@ -88,3 +89,13 @@ def compute_ft(ctx: EditContext, requests: list[EditRequest], h: FtHyperParams) 
                 with torch.no_grad():
                     delta.clamp_(-h.norm_constraint, h.norm_constraint)
     return ParamDelta(dense={name: delta.detach().cpu()})
+
+
+SPEC = MethodSpec(
+    name="ft",
+    kinds=ALL_KINDS,
+    max_requests=100,
+    load_hparams=load_ft_hparams,
+    compute=compute_ft,
+    description="FT-M: one down-projection fine-tuned on the target tokens (dense delta)",
+)

@@ -37,6 +37,7 @@ from methods.base import EditContext, EditRequest
 from methods.common import MAX_STEPS, ChatSequence, target_ids
 from methods.hparams import HparamCheck, load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload
+from methods.spec import ALL_KINDS, MethodSpec
 from methods.suffix_replay import SuffixReplay
 
 log = logging.getLogger(__name__)
@@ -147,3 +148,15 @@ def _one(
     }
     log.info("GRACE %r -> %r: %s", request.prompt, request.target_new, report)
     return key.cpu(), fit.value.cpu(), report
+
+
+SPEC = MethodSpec(
+    name="grace",
+    kinds=ALL_KINDS,
+    max_requests=8,
+    load_hparams=load_grace_hparams,
+    compute=compute_grace,
+    description="key/value codebook at one down-projection, with a deferral radius",
+    payload="memory",
+    memory_store="codebook",
+)

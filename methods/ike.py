@@ -30,6 +30,7 @@ import torch
 from methods.base import EditContext, EditRequest
 from methods.hparams import HparamCheck, load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload, fact_text
+from methods.spec import ALL_KINDS, MethodSpec
 
 # Invented facts (no real data): copy, update and retain demonstrations, as chat turns. The
 # retain answer must not name anything a user might edit towards: the model copies demos.
@@ -135,3 +136,27 @@ def _with_facts(facts: list[str], question: str) -> str:
 def similarities(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Cosine similarities [q, k] of unit-norm rows."""
     return queries @ keys.T
+
+
+IKE_SPEC = MethodSpec(
+    name="ike",
+    kinds=ALL_KINDS,
+    max_requests=64,
+    load_hparams=load_ike_hparams,
+    compute=compute_ike,
+    description="in-context editing: retrieved facts with demonstrations in the chat",
+    payload="memory",
+    drains=False,
+    memory_store="ike",
+)
+ICE_SPEC = MethodSpec(
+    name="ice",
+    kinds=ALL_KINDS,
+    max_requests=64,
+    load_hparams=load_ice_hparams,
+    compute=compute_ike,
+    description="in-context editing without demonstrations: retrieved facts in the chat",
+    payload="memory",
+    drains=False,
+    memory_store="ike",
+)

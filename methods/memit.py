@@ -39,6 +39,7 @@ from methods.common import (
     padded,
 )
 from methods.hparams import HparamCheck, load_hparams
+from methods.spec import ALL_KINDS, MethodSpec
 from methods.suffix_replay import SuffixReplay
 from methods.value_optimiser import ValueGroup, ValueSettings, optimise_values
 from methods.workbench import hooks
@@ -236,3 +237,14 @@ def memit_solver(h: MemitHyperParams) -> Callable[[dict[int, torch.Tensor]], Lay
 
 def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperParams) -> ParamDelta:
     return edit_layers(ctx, requests, h, "MEMIT", memit_solver(h))
+
+
+SPEC = MethodSpec(
+    name="memit",
+    kinds=ALL_KINDS,
+    max_requests=1000,
+    load_hparams=load_memit_hparams,
+    compute=compute_memit,
+    description="a batch of facts spread over several MLP layers by least squares",
+    reads_second_moments=True,
+)

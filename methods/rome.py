@@ -40,6 +40,7 @@ from methods.common import (
     edit_sequences,
 )
 from methods.hparams import HparamCheck, load_hparams
+from methods.spec import ALL_KINDS, MethodSpec
 from methods.suffix_replay import SuffixReplay
 from methods.value_optimiser import ValueGroup, ValueResult, ValueSettings, optimise_values
 
@@ -190,3 +191,13 @@ def _in_layout(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     left, right = torch.cat(lefts, dim=1).cpu(), torch.cat(rights, dim=0).cpu()
     return ctx.arch.layout.stored_factors(left, right)
+
+
+SPEC = MethodSpec(
+    name="rome",
+    kinds=ALL_KINDS,
+    max_requests=8,
+    load_hparams=load_rome_hparams,
+    compute=compute_rome,
+    description="rank-one update of one MLP down-projection per request (r-ROME)",
+)

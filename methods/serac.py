@@ -26,6 +26,7 @@ from typing import Any
 from methods.base import EditContext, EditRequest
 from methods.hparams import HparamCheck, load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload, fact_text
+from methods.spec import ALL_KINDS, MethodSpec
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,18 @@ def compute_serac(
         for r in requests
     ]
     return MemoryPayload(entries=entries, tensors={"embeddings": embeddings})
+
+
+SPEC = MethodSpec(
+    name="serac",
+    kinds=ALL_KINDS,
+    max_requests=64,
+    load_hparams=load_serac_hparams,
+    compute=compute_serac,
+    description=(
+        "scope classifier over an edit memory; in scope, the model conditioned on the edit answers"
+    ),
+    payload="memory",
+    drains=False,
+    memory_store="serac",
+)

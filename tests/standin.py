@@ -14,8 +14,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from editserve.edits import methods as edit_methods
-from editserve.edits.methods import MethodSpec
 from methods.base import EditContext, EditRequest, ParamDelta
+from methods.spec import MethodSpec
 
 
 @dataclass

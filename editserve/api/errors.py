@@ -14,7 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from editserve.edits.service import EditError
+from editserve.edits.errors import (
+    AlreadyUndone,
+    EditNotFound,
+    EditRefused,
+    InvalidEdit,
+    MethodUnavailable,
+    StorageRefused,
+)
 from editserve.engine.limits import QueueFull, RequestTooLarge
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,15 @@ _STATUS_TYPES = {
     507: "storage_error",
 }
 
+# The one place where the edit domain's refusals become HTTP statuses.
+EDIT_STATUSES: dict[type[EditRefused], int] = {
+    InvalidEdit: 400,
+    EditNotFound: 404,
+    AlreadyUndone: 409,
+    MethodUnavailable: 503,
+    StorageRefused: 507,
+}
+
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
@@ -98,10 +114,11 @@ def install_error_handlers(app: FastAPI) -> None:
         body = error_body(exc.message, exc.type, exc.param, exc.code)
         return _json(exc.status, body, exc.headers)
 
-    @app.exception_handler(EditError)
-    async def _edit_error(_: Request, exc: EditError) -> JSONResponse:
-        kind = _STATUS_TYPES.get(exc.status, "invalid_request_error")
-        return _json(exc.status, error_body(exc.message, kind, exc.param))
+    @app.exception_handler(EditRefused)
+    async def _edit_refused(_: Request, exc: EditRefused) -> JSONResponse:
+        status = next((s for cls, s in EDIT_STATUSES.items() if isinstance(exc, cls)), 400)
+        kind = _STATUS_TYPES.get(status, "invalid_request_error")
+        return _json(status, error_body(exc.message, kind, exc.param))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

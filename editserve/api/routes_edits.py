@@ -1,18 +1,20 @@
-"""Edit routes: each calls one `EditService` method. Guarded by the admin key."""
+"""Edit routes: each calls one `EditService` method and shapes its record (`schemas`).
+Guarded by the admin key."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
 from editserve.api.deps import StateDep, limit_edit_rate, require_admin
-from editserve.api.schemas import EditCreate
+from editserve.api.schemas import DryRunPublic, EditCreate, EditDeleted, EditList, EditPublic
+from editserve.edits.outcomes import DryRun
 
 router = APIRouter(prefix="/edits", dependencies=[Depends(require_admin)])
 
 
 @router.post("", dependencies=[Depends(limit_edit_rate)])
-async def create_edit(body: EditCreate, state: StateDep) -> dict:
-    return await state.edits.create(
+async def create_edit(body: EditCreate, state: StateDep) -> EditPublic | DryRunPublic:
+    made = await state.edits.create(
         body.method,
         body.kind,
         [r.as_dict() for r in body.requests],
@@ -20,18 +22,22 @@ async def create_edit(body: EditCreate, state: StateDep) -> dict:
         dry_run=body.dry_run,
         checks=body.checks,
     )
+    if isinstance(made, DryRun):
+        return DryRunPublic.model_validate(made)
+    return EditPublic.model_validate(made)
 
 
 @router.get("")
-async def list_edits(state: StateDep) -> dict:
-    return {"object": "list", "data": state.edits.list()}
+async def list_edits(state: StateDep) -> EditList:
+    return EditList(data=[EditPublic.model_validate(r) for r in state.edits.list()])
 
 
 @router.get("/{edit_id}")
-async def get_edit(edit_id: str, state: StateDep) -> dict:
-    return state.edits.get(edit_id)
+async def get_edit(edit_id: str, state: StateDep) -> EditPublic:
+    return EditPublic.model_validate(state.edits.get(edit_id))
 
 
 @router.delete("/{edit_id}", dependencies=[Depends(limit_edit_rate)])
-async def delete_edit(edit_id: str, state: StateDep, rebase: bool = False) -> dict:
-    return await state.edits.undo(edit_id, rebase=rebase)
+async def delete_edit(edit_id: str, state: StateDep, rebase: bool = False) -> EditDeleted:
+    undone = await state.edits.undo(edit_id, rebase=rebase)
+    return EditDeleted.model_validate(undone)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
+from editserve.edits.methods import METHODS
 from editserve.engine.sampling import SamplingParams
+from methods.spec import EditKind
 
 # Each paraphrase and locality probe of an edit request is answered before and after the edit
 # (two greedy generations each, under the edit lock): bounded so one request can't hold it long.
@@ -223,9 +233,90 @@ class EditRequestIn(APIModel):
 
 
 class EditCreate(APIModel):
-    method: str = Field(description="rome, memit, alphaedit or ft")
-    kind: Literal["insert", "modify", "erase"] = "modify"
+    method: str = Field(description=f"one of {', '.join(METHODS)}")
+    kind: EditKind = "modify"
     requests: list[EditRequestIn] = Field(min_length=1)
     hparams: dict[str, Any] | None = Field(None, description="overrides of the method's defaults")
     dry_run: bool = Field(False, description="compute and check without applying or journaling")
     checks: bool = Field(True, description="answer the prompts and probes before and after")
+
+
+class _LeavesOutAbsent(APIModel):
+    """A response whose fields in ABSENT_WHEN_NONE are left out of the JSON when None."""
+
+    ABSENT_WHEN_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in self.ABSENT_WHEN_NONE}
+
+
+class EditPublic(_LeavesOutAbsent):
+    """An edit, as GET /edits/{id} (and the POST that made it) answer."""
+
+    ABSENT_WHEN_NONE = frozenset({"error", "checks", "timings", "memory", "dry_run", "delta"})
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["edit"] = "edit"
+    method: str
+    kind: str
+    status: str = Field(description="applied, undone, or not_replayed (see error)")
+    error: str | None = Field(None, description="why a journaled edit was not replayed")
+    created_at: float | None
+    applied_at: float | None
+    undone_at: float | None
+    model_version: int | None = Field(description="the model version its commit made")
+    requests: list[dict[str, Any]]
+    hparams: dict[str, Any]
+    resolved_hparams: Any
+    checks: dict[str, Any] | None = None
+    timings: dict[str, float] | None = None
+    memory: dict[str, Any] | None = None
+    dry_run: bool | None = None
+    delta: dict[str, Any] | None = None
+
+
+class DryRunPublic(_LeavesOutAbsent):
+    """A dry run's answer: the edit computed and checked, neither applied nor journaled."""
+
+    ABSENT_WHEN_NONE = frozenset({"memory", "delta"})
+    model_config = ConfigDict(from_attributes=True)
+
+    id: None = None
+    object: Literal["edit"] = "edit"
+    status: Literal["dry_run"] = "dry_run"
+    method: str
+    kind: str
+    requests: list[dict[str, Any]]
+    hparams: dict[str, Any]
+    probes: list[str]
+    resolved_hparams: Any
+    memory: dict[str, Any] | None = None
+    model_version: int
+    checks: dict[str, Any]
+    timings: dict[str, float]
+    dry_run: Literal[True] = True
+    delta: dict[str, Any] | None = None
+
+
+class EditList(APIModel):
+    object: Literal["list"] = "list"
+    data: list[EditPublic]
+
+
+class EditDeleted(_LeavesOutAbsent):
+    ABSENT_WHEN_NONE = frozenset({"rebase_error"})
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["edit.deleted"] = "edit.deleted"
+    deleted: Literal[True] = True
+    model_version: int
+    later_edits: list[str] = Field(description="edits committed after it and still applied")
+    rebased: list[str] = Field(description="of those, the weight edits recomputed")
+    rebase_error: str | None = Field(
+        None, description="a failed rebase: the undo held, the later edits kept their deltas"
+    )
+    timings: dict[str, float]

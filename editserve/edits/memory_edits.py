@@ -2,7 +2,7 @@
 
 - IKE/ICE and SERAC entries sit in two FAISS edit memories (`memory.index.EditMemory`), one per
   kind, so a flood of one kind never crowds the other out of the top-k. Before a chat request is
-  tokenized, `rewrite` embeds its last user message (only that, only when some entry exists,
+  tokenized, `retrieve` embeds its last user message (only that, only when some entry exists,
   and cached by text: `SentenceEncoder.encode_query`), retrieves entries whose similarity reaches
   their edit's threshold and conditions the conversation on their facts (`methods.ike.condition`).
 - GRACE entries sit in one `memory.codebook.Codebook`, served by a forward hook on one layer's
@@ -11,7 +11,7 @@
   exclusive section, so no generation ever sees two codebooks.
 
 `register`/`remove` run on the engine thread with no request in flight (the caller's
-`run_exclusive`); `rewrite` runs on request threads. `generation` counts changes of the
+`run_exclusive`); `retrieve` runs on request threads. `generation` counts changes of the
 prompt-side memory, so a request can tell whether the memory changed between rendering its
 prompt and being admitted (then it renders again: see `OpenAIServing.chat`).
 """
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from editserve.edits.methods import METHODS, memory_store
 from memory.codebook import Codebook
 from memory.encoder import DIM, EncoderUnavailable, SentenceEncoder
 from memory.index import EditMemory, Hit
@@ -38,11 +39,9 @@ from methods.grace import label
 from methods.ike import condition
 from methods.memory_common import MemoryContext, MemoryPayload
 
-# Which store each memory method's payload goes to.
-STORES = {"ike": "ike", "ice": "ike", "serac": "serac", "grace": "codebook"}
 # The methods whose entries the sentence encoder embeds (facts, and every chat query): without
 # its model files they cannot run (GRACE keys are the model's own activations).
-ENCODER_METHODS = tuple(m for m, store in STORES.items() if store != "codebook")
+ENCODER_METHODS = tuple(m for m, s in METHODS.items() if s.memory_store in ("ike", "serac"))
 TOP_K = 4  # IKE facts retrieved per request at most (SERAC uses its best one)
 DRY_RUN_ID = "dry-run"  # the edit id of a previewed edit's entries
 
@@ -94,7 +93,7 @@ class MemoryEdits:
     # -- changes (engine thread, exclusive) ------------------------------------------------------
 
     def register(self, edit_id: str, method: str, payload: MemoryPayload) -> None:
-        store = STORES[method]
+        store = memory_store(method)
         if method in ENCODER_METHODS and (why := self.encoder.unavailable()):
             # Registered, its entries could not be retrieved (no query embeds): a replay leaves
             # the edit out, and says why, rather than fail every chat request.
@@ -170,7 +169,7 @@ class MemoryEdits:
         (top-k) and SERAC's best one, each only if the query falls in its scope (`_reached`).
         `pending` (method, payload): an edit not registered, searched as if it were (dry runs)."""
         users = [m["content"] for m in messages if m["role"] == "user"]
-        extra_store = STORES[pending[0]] if pending else None
+        extra_store = memory_store(pending[0]) if pending else None
         if not users or not (self.has_prompt_entries() or extra_store in self.indexes):
             return []
         query = self.encoder.encode_query(users[-1])  # [1, 384]
@@ -187,7 +186,7 @@ class MemoryEdits:
         wanted = CANDIDATES if judged else k
         index = self.indexes[store]
         hits = index.search(query, wanted, vectors=judged)[0] if len(index) else []
-        if pending and STORES[pending[0]] == store:
+        if pending and memory_store(pending[0]) == store:
             hits = sorted(hits + _search(query, pending[1], wanted), key=lambda h: -h.score)
             hits = hits[:wanted]
         if judged and hits:
@@ -214,7 +213,7 @@ class MemoryEdits:
         Yields the `retrieve` to use (searching the edit's IKE/SERAC entries alongside the live
         ones); a GRACE edit is served on the workbench from a scratch copy of the live codebook
         with the edit folded in (the live hook is lifted meanwhile)."""
-        if STORES[method] != "codebook":
+        if memory_store(method) != "codebook":
             yield lambda messages: self.retrieve(messages, (method, payload))
             return
         layer = int(payload.entries[0]["layer"])
@@ -279,7 +278,7 @@ def _search(query: torch.Tensor, payload: MemoryPayload, k: int) -> list[Hit]:
 
 def describe(method: str, payload: MemoryPayload) -> dict:
     """What an edit adds to the memory, for its response."""
-    store = STORES[method]
+    store = memory_store(method)
     out: dict[str, Any] = {"store": store, "entries": len(payload.entries)}
     if store == "codebook":
         out["codebook"] = [

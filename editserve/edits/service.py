@@ -1,12 +1,12 @@
-"""EditService: validate an edit, compute it on a workbench, apply it, journal it, undo it.
+"""EditService: create, commit, undo, rebase, replay and list edits.
 
 Edits run one at a time (a lock). A method computes on the workbench in a worker thread while
 the engine keeps serving; its result is applied through the engine's exclusive section, so no
 answer mixes two versions of the model. Parameter methods give a `ParamDelta` (the ledger applies
 it); memory methods (IKE, ICE, SERAC, GRACE) give a `MemoryPayload` that the live edit memory
 registers (`editserve.edits.memory_edits`). Both are journaled alike and undone in any order.
-The answer reports what users will meet: the greedy chat answers to the edited prompts and to a
-few unrelated probes, before and after.
+Requests are checked first (`validation`); the answer reports what users will meet: the greedy
+chat answers to the edited prompts and to a few unrelated probes, before and after (`checks`).
 """
 
 from __future__ import annotations
@@ -18,87 +18,42 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
-from editserve.answers import contains_answer
+from editserve.edits.checks import DEFAULT_PROBES, EditChecks, check_report, describe_delta
+from editserve.edits.errors import AlreadyUndone, EditNotFound, InvalidEdit, StorageRefused
 from editserve.edits.journal import STAGED_MARKER, CorruptPayload, Journal, fingerprint
 from editserve.edits.ledger import DeltaRejected, WeightLedger
 from editserve.edits.memory_edits import MemoryEdits, describe
-from editserve.edits.methods import METHODS, MethodSpec
+from editserve.edits.methods import METHODS
+from editserve.edits.outcomes import DryRun, EditRecord, UndoOutcome
 from editserve.edits.rebase import RebaseOutcome
 from editserve.edits.rebase import rebase as rebase_later
-from editserve.edits.statistics import METHODS as STATS_USERS
 from editserve.edits.statistics import Statistics, default_layers
-from editserve.engine.request import OutputStream
-from editserve.engine.sampling import SamplingParams
+from editserve.edits.validation import EditSpec, EditValidator
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.faults import crash_point
 from editserve.heap import give_back_free_memory
-from editserve.prompts import PromptRenderer, Retrieve
+from editserve.prompts import PromptRenderer
 from editserve.threads import in_worker
 from memory.encoder import SentenceEncoder
 from memory.scope import ScopeClassifier
 from methods.architectures import resolve
 from methods.base import EditContext, EditRequest, ParamDelta
 from methods.memory_common import MemoryPayload
+from methods.spec import MethodSpec
 from methods.stats import StatsCache, StatsSource
-from methods.workbench import added_delta, make_workbench
+from methods.workbench import make_workbench
 
 log = logging.getLogger(__name__)
 
-ERASE_TARGET = "I don't know."
-KINDS = ("insert", "modify", "erase")
-DEFAULT_PROBES = (
-    "What is the capital of Japan?",
-    "Who wrote Romeo and Juliet?",
-    "What is the chemical symbol for gold?",
-)
-CHECK_TOKENS = 24  # answers compared in checks
-UNCHANGED_TOKENS = 16  # a probe is unchanged when its first 16 greedy tokens are
-# A sentence or two: KnowEdit's WikiBio corrections run to 102 tokens (21 of its first 100 are
-# over 48); longer targets belong in a document, not in one fact.
-MAX_TARGET_TOKENS = 128
-MAX_PROMPT_CHARS = 2000
 # What a full, read-only or vanished state folder raises while the journal writes.
 STORAGE_ERRORS = (OSError, sqlite3.Error, SafetensorError)
-
-
-class EditError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-@dataclass
-class EditSpec:
-    """A validated edit request."""
-
-    method: str
-    kind: str
-    requests: list[EditRequest]
-    hparams: dict[str, Any] = field(default_factory=dict)
-    probes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "method": self.method,
-            "kind": self.kind,
-            "requests": [asdict(r) for r in self.requests],
-            "hparams": self.hparams,
-            "probes": self.probes,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> EditSpec:
-        requests = [
-            EditRequest(**{**r, "rephrase": tuple(r.get("rephrase", ()))}) for r in data["requests"]
-        ]
-        return cls(data["method"], data["kind"], requests, data["hparams"], data["probes"])
 
 
 class EditService:
@@ -113,11 +68,6 @@ class EditService:
     ) -> None:
         self.engine = engine
         self.journal = journal
-        # Every method's defaults resolve for this model, or the start fails (MissingDefaults):
-        # a copy installed without methods/configs would otherwise edit with untuned values.
-        config = engine.model.config
-        for spec in METHODS.values():
-            spec.load_hparams(config.model_type, config.num_hidden_layers, {})
         self.ledger = WeightLedger(engine.model)
         self.tokenizer = engine.tokenizer
         self._lock = asyncio.Lock()
@@ -150,6 +100,20 @@ class EditService:
         )
         self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder, scope)
         self.prompts = PromptRenderer(self.tokenizer, engine.max_model_len, self.memory)
+        self.checks = EditChecks(engine, self.prompts, workbench, self.memory)
+        config = engine.model.config
+        self.validator = EditValidator(
+            self.tokenizer,
+            config.model_type,
+            config.num_hidden_layers,
+            engine.max_model_len,
+            self.chat_prompt,
+            self.memory.unavailable,
+        )
+        # Every method's defaults resolve for this model, or the start fails (MissingDefaults):
+        # a copy installed without methods/configs would otherwise edit with untuned values.
+        for spec in METHODS.values():
+            self.validator.resolve_hparams(spec, {})
         # Journaled as applied but refused at replay (a damaged payload): id -> why.
         self.unreplayed: dict[str, str] = {}
 
@@ -168,10 +132,9 @@ class EditService:
         """What methods optimise after (`EditContext.chat_prompt`): no memory edits in it."""
         return self.prompts.question_prompt(question)
 
-    def served_prompt(self, question: str, retrieve: Retrieve | None = None) -> list[int]:
-        """The prompt the chat route would feed for `question` (answered in CHECK_TOKENS):
-        memory edits included, retrieved by `retrieve` (default: the live memory's)."""
-        return self.prompts.served_question(question, CHECK_TOKENS, retrieve)
+    def served_prompt(self, question: str) -> list[int]:
+        """The prompt the chat route would feed for `question` in an edit's checks."""
+        return self.checks.served_prompt(question)
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -219,87 +182,6 @@ class EditService:
         if replayed:
             log.info("replayed %d edit(s); model version %d", replayed, self.engine.model_version)
 
-    # -- validation ------------------------------------------------------------------------------
-
-    def validate(
-        self, method: str, kind: str, requests: list[dict], hparams: dict | None
-    ) -> tuple[EditSpec, MethodSpec, Any]:
-        spec = METHODS.get(method)
-        if spec is None:
-            known = ", ".join(sorted(METHODS))
-            raise EditError(
-                400, f"unknown method {method!r}; this server offers: {known}", "method"
-            )
-        if why := self.memory.unavailable().get(method):  # an optional package not installed
-            raise EditError(503, f"{method} edits are unavailable on this server: {why}", "method")
-        if kind not in KINDS:
-            raise EditError(400, f"kind must be one of {', '.join(KINDS)}, not {kind!r}", "kind")
-        if kind not in spec.kinds:
-            raise EditError(400, f"{method} does not support {kind!r} edits", "kind")
-        if not 1 <= len(requests) <= spec.max_requests:
-            raise EditError(
-                400,
-                f"{method} takes 1 to {spec.max_requests} requests per edit, not {len(requests)}",
-                "requests",
-            )
-        edit_requests, probes = [], []
-        for i, raw in enumerate(requests):
-            edit_requests.append(self._validate_request(i, kind, raw))
-            probes += raw.get("locality") or []
-        try:
-            config = self.engine.model.config
-            resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, hparams or {})
-        except (ValueError, TypeError) as exc:
-            raise EditError(400, f"hparams: {exc}", "hparams") from exc
-        return EditSpec(method, kind, edit_requests, dict(hparams or {}), probes), spec, resolved
-
-    def _validate_request(self, i: int, kind: str, raw: dict) -> EditRequest:
-        where = f"requests.{i}"
-        prompt, subject = raw["prompt"].strip(), raw["subject"].strip()
-        if not prompt or len(prompt) > MAX_PROMPT_CHARS:
-            raise EditError(
-                400, f"the prompt must have 1 to {MAX_PROMPT_CHARS} characters", f"{where}.prompt"
-            )
-        if not subject or subject not in prompt:
-            raise EditError(
-                400,
-                f"the subject {subject!r} must occur verbatim in the prompt {prompt!r}",
-                f"{where}.subject",
-            )
-        target = (raw.get("target_new") or "").strip()
-        if not target:
-            if kind != "erase":
-                raise EditError(
-                    400,
-                    "target_new is required (and not blank) for this kind",
-                    f"{where}.target_new",
-                )
-            target = ERASE_TARGET
-        target_tokens = len(self.tokenizer.encode(" " + target))
-        if target_tokens > MAX_TARGET_TOKENS:
-            raise EditError(
-                400,
-                f"target_new is {target_tokens} tokens long; the most is {MAX_TARGET_TOKENS}",
-                f"{where}.target_new",
-            )
-        # The methods train on the chat prompt followed by the target: both must fit the model.
-        prompt_tokens = len(self.chat_prompt(prompt))
-        if prompt_tokens + target_tokens > self.engine.max_model_len:
-            raise EditError(
-                400,
-                f"the chat prompt ({prompt_tokens} tokens) and target_new ({target_tokens}) "
-                f"do not fit the model's {self.engine.max_model_len}-token context",
-                f"{where}.prompt",
-            )
-        return EditRequest(
-            prompt=prompt,
-            subject=subject,
-            target_new=target,
-            target_true=raw.get("target_true"),
-            rephrase=tuple(raw.get("rephrase") or ()),
-            erase=kind == "erase",
-        )
-
     # -- create ------------------------------------------------------------------------------------
 
     async def create(
@@ -310,17 +192,17 @@ class EditService:
         hparams: dict | None,
         dry_run: bool = False,
         checks: bool = True,
-    ) -> dict:
-        edit, spec, resolved = self.validate(method, kind, requests, hparams)
+    ) -> EditRecord | DryRun:
+        edit, spec, resolved = self.validator.validate(method, kind, requests, hparams)
         # Statistics still computing at start-up: waited for here, not holding the edit lock.
-        stats = self.statistics if method in STATS_USERS else None
+        stats = self.statistics if spec.reads_second_moments else None
         stats_wait = await stats.wait() if stats is not None else 0.0
         async with self._lock:
             timings: dict[str, float] = {"stats_wait_s": stats_wait} if stats_wait else {}
             started = time.monotonic()
             questions = [q for r in edit.requests for q in (r.prompt, *r.rephrase)]
             probes = [*DEFAULT_PROBES, *edit.probes]
-            before = await self.answers(questions + probes) if checks else []
+            before = await self.checks.answers(questions + probes) if checks else []
             timings["checks_before_s"] = time.monotonic() - started
 
             t = time.monotonic()
@@ -329,16 +211,20 @@ class EditService:
                     self._compute, spec, self._context_now(), edit.requests, resolved
                 )
             except (ValueError, DeltaRejected) as exc:
-                raise EditError(400, str(exc), "requests") from exc
+                raise InvalidEdit(str(exc), "requests") from exc
             timings["compute_s"] = time.monotonic() - t
 
             edit_id = f"edit-{uuid.uuid4().hex[:16]}"
-            record_spec = {**edit.to_json(), "resolved_hparams": _plain(resolved)}
-            if isinstance(result, MemoryPayload):
+            plain = asdict(resolved) if is_dataclass(resolved) else resolved
+            record_spec = {**edit.to_json(), "resolved_hparams": plain}
+            memory = isinstance(result, MemoryPayload)
+            if memory:
                 record_spec["memory"] = {"entries": result.entries}
             if dry_run:
                 after = (
-                    await in_worker(self._workbench_answers, questions + probes, result, method)
+                    await in_worker(
+                        self.checks.previewed_answers, questions + probes, result, method
+                    )
                     if checks
                     else []
                 )
@@ -347,34 +233,38 @@ class EditService:
                 t = time.monotonic()
                 version = await self._commit(edit_id, edit, record_spec, result)
                 timings["apply_s"] = time.monotonic() - t
-                after = await self.answers(questions + probes) if checks else []
+                after = await self.checks.answers(questions + probes) if checks else []
             timings["total_s"] = time.monotonic() - started
             report = (
-                _checks(edit, questions, probes, before, after, self.tokenizer) if checks else {}
+                check_report(edit, questions, probes, before, after, self.tokenizer)
+                if checks
+                else {}
             )
-            summary = {"checks": report, "timings": timings}
-            if isinstance(result, MemoryPayload):
+            summary: dict[str, Any] = {"checks": report, "timings": timings}
+            if memory:
                 summary["memory"] = describe(method, result)
             if not dry_run:
                 try:
                     self.journal.set_summary(edit_id, summary)
                 except STORAGE_ERRORS as exc:  # the edit is committed; only its report is lost
                     log.warning("edit %s: its checks could not be stored: %s", edit_id, exc)
-        public = (
-            self.get(edit_id)
-            if not dry_run
-            else {
-                "id": None,
-                "object": "edit",
-                "status": "dry_run",
-                **record_spec,
-                "model_version": version,
-            }
-        )
-        if isinstance(result, MemoryPayload):
-            return {**public, **summary, "dry_run": dry_run}
-        delta = await in_worker(_describe, result)  # matrix products: off the event loop
-        return {**public, **summary, "dry_run": dry_run, "delta": delta}
+        # matrix products: off the event loop
+        delta = None if memory else await in_worker(describe_delta, result)
+        if dry_run:
+            return DryRun(
+                method=edit.method,
+                kind=edit.kind,
+                requests=record_spec["requests"],
+                hparams=edit.hparams,
+                probes=edit.probes,
+                resolved_hparams=record_spec["resolved_hparams"],
+                model_version=version,
+                checks=report,
+                timings=timings,
+                memory=summary.get("memory"),
+                delta=delta,
+            )
+        return replace(self.get(edit_id), **summary, dry_run=False, delta=delta)
 
     def _context_now(self) -> EditContext:
         """The edit context with the requests of the weight edits in the model now. Which edits
@@ -456,27 +346,26 @@ class EditService:
 
     @contextmanager
     def _storage(self, what: str) -> Iterator[None]:
-        """A full or read-only state folder: a 507 that says so (the caller changed nothing)."""
+        """A full or read-only state folder: refused, saying so (the caller changed nothing)."""
         try:
             yield
         except STORAGE_ERRORS as exc:
             log.error("%s: %s", what, exc)
-            raise EditError(
-                507,
+            raise StorageRefused(
                 f"{what}: the state folder {self.journal.state_dir} refused the write ({exc}); "
                 "nothing was changed and the server keeps serving. Free space or fix its "
-                "permissions, then retry.",
+                "permissions, then retry."
             ) from exc
 
     # -- undo --------------------------------------------------------------------------------------
 
-    async def undo(self, edit_id: str, rebase: bool = False) -> dict:
+    async def undo(self, edit_id: str, rebase: bool = False) -> UndoOutcome:
         async with self._lock:
             row = self.journal.get(edit_id)
             if row is None or row.status in ("pending", "failed"):
-                raise EditError(404, f"no edit {edit_id!r}", "id")
+                raise EditNotFound(f"no edit {edit_id!r}", "id")
             if row.status == "undone":
-                raise EditError(409, f"edit {edit_id} was already undone", "id")
+                raise AlreadyUndone(f"edit {edit_id} was already undone", "id")
             later = [r.id for r in self.journal.list(("applied",)) if r.seq > row.seq]
             # Only weight deltas are recomputed on a rebase: prompt memory does not depend on
             # the weights, and GRACE entries keep their keys (see README, "Order").
@@ -508,145 +397,52 @@ class EditService:
                 outcome = await rebase_later(
                     edit_id, later_params, self.ledger, self.engine, self.journal, self._recompute
                 )
-        return {
-            "id": edit_id,
-            "object": "edit.deleted",
-            "deleted": True,
-            "model_version": self.engine.model_version,
-            "later_edits": later,
-            "rebased": outcome.rebased,
-            # A failed rebase: the undo held, the later edits kept their deltas (edits.rebase).
-            **({"rebase_error": outcome.error} if outcome.error else {}),
-            "timings": {"undo_s": undo_s},
-        }
+        return UndoOutcome(
+            id=edit_id,
+            model_version=self.engine.model_version,
+            later_edits=later,
+            rebased=outcome.rebased,
+            timings={"undo_s": undo_s},
+            rebase_error=outcome.error,
+        )
 
     async def _recompute(self, edit_id: str) -> ParamDelta:
         """A weight edit's delta computed again from its journaled request, on the model now."""
         edit = EditSpec.from_json(self.journal.get(edit_id).spec)
         spec = METHODS[edit.method]
-        config = self.engine.model.config
-        resolved = spec.load_hparams(config.model_type, config.num_hidden_layers, edit.hparams)
+        resolved = self.validator.resolve_hparams(spec, edit.hparams)
         delta = await in_worker(self._compute, spec, self._context_now(), edit.requests, resolved)
         assert isinstance(delta, ParamDelta)  # only weight edits are rebased
         return delta
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def list(self) -> list[dict]:
-        return [self._public(row) for row in self.journal.list()]
+    def list(self) -> list[EditRecord]:
+        return [self._record(row) for row in self.journal.list()]
 
-    def get(self, edit_id: str) -> dict:
+    def get(self, edit_id: str) -> EditRecord:
         row = self.journal.get(edit_id)
         if row is None or row.status in ("pending", "failed"):
-            raise EditError(404, f"no edit {edit_id!r}", "id")
-        return self._public(row)
+            raise EditNotFound(f"no edit {edit_id!r}", "id")
+        return self._record(row)
 
-    def _public(self, row: Any) -> dict:
+    def _record(self, row: Any) -> EditRecord:
         not_replayed = self.unreplayed.get(row.id)
-        return {
-            "id": row.id,
-            "object": "edit",
-            "method": row.method,
-            "kind": row.kind,
-            # "not_replayed": journaled as applied, but its payload was refused at start.
-            "status": "not_replayed" if not_replayed else row.status,
-            **({"error": not_replayed} if not_replayed else {}),
-            "created_at": row.created_at,
-            "applied_at": row.applied_at,
-            "undone_at": row.undone_at,
-            "model_version": row.applied_version,
-            "requests": row.spec["requests"],
-            "hparams": row.spec["hparams"],
-            "resolved_hparams": row.spec.get("resolved_hparams"),
-            **(row.summary or {}),
-        }
-
-    # -- checks ------------------------------------------------------------------------------------
-
-    async def answers(self, questions: list[str]) -> list[list[int]]:
-        """Greedy chat answers through the engine: the path users hit."""
-        stream = OutputStream()
-        params = SamplingParams(max_tokens=CHECK_TOKENS, temperature=0)
-        prompts = await in_worker(lambda: [self.served_prompt(q) for q in questions])
-        for prompt in prompts:
-            self.engine.submit(prompt, params, stream)
-        return [r.token_ids for r in await stream.results()]
-
-    def _workbench_answers(
-        self, questions: list[str], result: ParamDelta | MemoryPayload, method: str
-    ) -> list[list[int]]:
-        """Greedy chat answers as if the edit were applied, without applying it (dry runs): on
-        the workbench, with a weight delta added, or with a memory edit previewed."""
-        model, eos = self.context.model, sorted(self.engine.eos_ids)
-        out = []
-        with ExitStack() as stack, torch.inference_mode():
-            if isinstance(result, MemoryPayload):
-                retrieve = stack.enter_context(self.memory.preview(method, result))
-                prompts = [self.served_prompt(q, retrieve) for q in questions]
-            else:
-                stack.enter_context(added_delta(model, result))
-                prompts = [self.chat_prompt(q) for q in questions]
-            for prompt in prompts:
-                ids = torch.tensor([prompt], device=self.engine.device)
-                generated = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=CHECK_TOKENS,
-                    do_sample=False,
-                    eos_token_id=eos,
-                    pad_token_id=eos[0],
-                )[0, ids.shape[1] :].tolist()
-                out.append([t for t in generated if t not in eos][: len(generated)])
-        return out
-
-
-def _checks(
-    edit: EditSpec,
-    questions: list[str],
-    probes: list[str],
-    before: list[list[int]],
-    after: list[list[int]],
-    tokenizer: Any,
-) -> dict:
-    text = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in before]
-    new = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in after]
-    targets = {q: r.target_new for r in edit.requests for q in (r.prompt, *r.rephrase)}
-    n = len(questions)
-    return {
-        "requests": [
-            {
-                "prompt": q,
-                "target_new": targets[q],
-                "before": text[i],
-                "after": new[i],
-                # as the evaluation scores it: whole words, normalised ("Romeo" is no "Rome")
-                "success": contains_answer(new[i], [targets[q]]),
-            }
-            for i, q in enumerate(questions)
-        ],
-        "locality": [
-            {
-                "prompt": p,
-                "before": text[n + j],
-                "after": new[n + j],
-                "unchanged": before[n + j][:UNCHANGED_TOKENS] == after[n + j][:UNCHANGED_TOKENS],
-            }
-            for j, p in enumerate(probes)
-        ],
-    }
-
-
-def _describe(delta: ParamDelta) -> dict:
-    described = {}
-    for name in delta.names():
-        matrix = delta.matrix(name)  # a product for low-rank factors: formed once
-        described[name] = {
-            "shape": list(matrix.shape),
-            "rank": delta.low_rank[name][0].shape[1] if name in delta.low_rank else None,
-            "norm": float(matrix.norm()),
-        }
-    return described
-
-
-def _plain(hparams: Any) -> Any:
-    return asdict(hparams) if is_dataclass(hparams) else hparams
+        summary = row.summary or {}
+        return EditRecord(
+            id=row.id,
+            method=row.method,
+            kind=row.kind,
+            status="not_replayed" if not_replayed else row.status,
+            error=not_replayed,
+            created_at=row.created_at,
+            applied_at=row.applied_at,
+            undone_at=row.undone_at,
+            model_version=row.applied_version,
+            requests=row.spec["requests"],
+            hparams=row.spec["hparams"],
+            resolved_hparams=row.spec.get("resolved_hparams"),
+            checks=summary.get("checks"),
+            timings=summary.get("timings"),
+            memory=summary.get("memory"),
+        )

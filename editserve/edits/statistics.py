@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from editserve.edits.ledger import WeightLedger
+from editserve.edits.methods import METHODS
 from editserve.threads import release_thread_team
 from methods.architectures import resolve
 from methods.base import EditContext
@@ -39,18 +40,16 @@ from methods.workbench import make_workbench
 
 log = logging.getLogger(__name__)
 
-METHODS = ("memit", "alphaedit")  # the methods that read them
 LOG_EVERY_S = 10.0
 
 
 def default_layers(model_type: str, num_layers: int) -> list[int]:
-    """The layers MEMIT and AlphaEdit edit on this model family by default."""
-    from methods.alphaedit import load_alphaedit_hparams
-    from methods.memit import load_memit_hparams
-
+    """The layers that the methods reading second moments (MEMIT, AlphaEdit) edit on this model
+    family by default."""
     found: set[int] = set()
-    for load in (load_memit_hparams, load_alphaedit_hparams):
-        found |= set(load(model_type, num_layers).layers or ())
+    for spec in METHODS.values():
+        if spec.reads_second_moments:
+            found |= set(spec.load_hparams(model_type, num_layers, None).layers or ())
     return sorted(found)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from editserve.edits.service import EditSpec, _checks
+from editserve.edits.checks import check_report
+from editserve.edits.validation import EditSpec
 from editserve.eval.metrics import contains_answer
 from methods.base import EditRequest
 from tests.conftest import byte_tokenizer
@@ -17,7 +18,7 @@ def checked_success(target: str, answer: str) -> bool:
     edit = EditSpec("rome", "modify", [request])
     before = [tokenizer.encode("It is in Paris.")]
     after = [tokenizer.encode(answer)]
-    report = _checks(edit, [request.prompt], [], before, after, tokenizer)
+    report = check_report(edit, [request.prompt], [], before, after, tokenizer)
     assert report["requests"][0]["after"] == answer  # the answer that was judged
     return report["requests"][0]["success"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from editserve.edits.service import CHECK_TOKENS
+from editserve.edits.checks import CHECK_TOKENS
 from editserve.prompts import question_prompt, question_text
 from tests.conftest import tiny_model
 from tests.unit.test_memory_edits_api import EIFFEL, UNRELATED, BagOfWords
