@@ -45,6 +45,12 @@ class ServerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
             registry=r,
         )
+        self.scope_decision = Histogram(
+            "editserve_scope_decision_seconds",
+            "Time a request spends deciding which scoped edits reach it (embed, score)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "editserve_queue_depth", "Requests waiting to join the batch", registry=r
         )

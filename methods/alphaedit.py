@@ -34,7 +34,7 @@ from methods.base import EditContext, EditRequest, ParamDelta
 from methods.common import chat_sequence, collect_layer_keys, context_questions, target_ids
 from methods.hparams import load_hparams
 from methods.memit import LayerSolve, TargetHyperParams, check_common, edit_layers
-from methods.spec import ALL_KINDS, MethodSpec
+from methods.spec import ALL_KINDS, SCOPES, MethodSpec
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ def compute_alphaedit(
 SPEC = MethodSpec(
     name="alphaedit",
     kinds=ALL_KINDS,
+    scopes=frozenset(SCOPES),
     max_requests=1000,
     load_hparams=load_alphaedit_hparams,
     compute=compute_alphaedit,

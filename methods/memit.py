@@ -39,7 +39,7 @@ from methods.common import (
     padded,
 )
 from methods.hparams import HparamCheck, load_hparams
-from methods.spec import ALL_KINDS, MethodSpec
+from methods.spec import ALL_KINDS, SCOPES, MethodSpec
 from methods.suffix_replay import SuffixReplay
 from methods.value_optimiser import ValueGroup, ValueSettings, optimise_values
 from methods.workbench import hooks
@@ -242,6 +242,7 @@ def compute_memit(ctx: EditContext, requests: list[EditRequest], h: MemitHyperPa
 SPEC = MethodSpec(
     name="memit",
     kinds=ALL_KINDS,
+    scopes=frozenset(SCOPES),
     max_requests=1000,
     load_hparams=load_memit_hparams,
     compute=compute_memit,

@@ -40,7 +40,7 @@ from methods.common import (
     edit_sequences,
 )
 from methods.hparams import HparamCheck, load_hparams
-from methods.spec import ALL_KINDS, MethodSpec
+from methods.spec import ALL_KINDS, SCOPES, MethodSpec
 from methods.suffix_replay import SuffixReplay
 from methods.value_optimiser import ValueGroup, ValueResult, ValueSettings, optimise_values
 
@@ -196,6 +196,7 @@ def _in_layout(
 SPEC = MethodSpec(
     name="rome",
     kinds=ALL_KINDS,
+    scopes=frozenset(SCOPES),
     max_requests=8,
     load_hparams=load_rome_hparams,
     compute=compute_rome,

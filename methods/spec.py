@@ -19,6 +19,10 @@ from typing import Any, Literal, get_args
 EditKind = Literal["insert", "modify", "erase"]
 EDIT_KINDS: tuple[str, ...] = get_args(EditKind)
 ALL_KINDS = frozenset(EDIT_KINDS)
+# "global": the edit reaches every request; "question": only the requests within its scope
+# (the server decides per request; everything else runs on the unedited model).
+Scope = Literal["global", "question"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 # (model_type, num_layers, overrides) -> hyperparameters (a dataclass)
 LoadHparams = Callable[[str, int, dict[str, Any] | None], Any]
@@ -43,3 +47,7 @@ class MethodSpec:
     memory_store: MemoryStore | None = None  # memory methods only
     # Reads E[kkᵀ] of the pristine model (MEMIT, AlphaEdit): the server computes them at start.
     reads_second_moments: bool = False
+    # The scopes it can honour (a low-rank weight delta can be added per request) and the one
+    # an edit gets when it names none.
+    scopes: frozenset[str] = frozenset({"global"})
+    default_scope: str = "global"

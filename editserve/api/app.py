@@ -43,7 +43,9 @@ def build_app(
         settings=settings,
         engine=engine,
         metrics=metrics,
-        serving=OpenAIServing(engine, metrics, model_name, prompts=edits.prompts),
+        serving=OpenAIServing(
+            engine, metrics, model_name, prompts=edits.prompts, scoped=edits.scoped
+        ),
         edits=edits,
         edit_rate=RateLimiter(settings.edit_rate_per_minute)
         if settings.edit_rate_per_minute

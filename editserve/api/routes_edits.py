@@ -21,6 +21,7 @@ async def create_edit(body: EditCreate, state: StateDep) -> EditPublic | DryRunP
         body.hparams,
         dry_run=body.dry_run,
         checks=body.checks,
+        scope=body.scope,
     )
     if isinstance(made, DryRun):
         return DryRunPublic.model_validate(made)

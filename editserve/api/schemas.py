@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from editserve.edits.methods import METHODS
 from editserve.engine.sampling import SamplingParams
-from methods.spec import EditKind
+from methods.spec import EditKind, Scope
 
 # Each paraphrase and locality probe of an edit request is answered before and after the edit
 # (two greedy generations each, under the edit lock): bounded so one request can't hold it long.
@@ -239,6 +239,11 @@ class EditCreate(APIModel):
     hparams: dict[str, Any] | None = Field(None, description="overrides of the method's defaults")
     dry_run: bool = Field(False, description="compute and check without applying or journaling")
     checks: bool = Field(True, description="answer the prompts and probes before and after")
+    scope: Scope | None = Field(
+        None,
+        description="'global': every request; 'question': only requests within the edit's "
+        "scope (rome, memit, alphaedit). Default: the method's",
+    )
 
 
 class _LeavesOutAbsent(APIModel):
@@ -262,6 +267,7 @@ class EditPublic(_LeavesOutAbsent):
     object: Literal["edit"] = "edit"
     method: str
     kind: str
+    scope: str = Field("global", description="global, or question: only requests in its scope")
     status: str = Field(description="applied, undone, or not_replayed (see error)")
     error: str | None = Field(None, description="why a journaled edit was not replayed")
     created_at: float | None
@@ -289,6 +295,7 @@ class DryRunPublic(_LeavesOutAbsent):
     status: Literal["dry_run"] = "dry_run"
     method: str
     kind: str
+    scope: str = "global"
     requests: list[dict[str, Any]]
     hparams: dict[str, Any]
     probes: list[str]

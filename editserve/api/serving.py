@@ -8,32 +8,32 @@ chunks ending with `data: [DONE]`).
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from editserve.api.errors import APIError, ClientDisconnected, bad_request, error_body
+from editserve.api import wire
+from editserve.api.errors import APIError, bad_request
 from editserve.api.offsets import OffsetTracker, PromptText, generated_offsets
 from editserve.api.schemas import ChatCompletionRequest, CompletionRequest
+from editserve.edits.scoped import ScopedEdits
 from editserve.engine.request import GenerationResult, OutputStream
+from editserve.engine.row_deltas import RowDelta
 from editserve.engine.sampling import SamplingParams, TokenLogprob
 from editserve.engine.transformers_engine import TransformersEngine
 from editserve.metrics import ServerMetrics
 from editserve.prompts import PromptError, PromptRenderer
 from editserve.threads import in_worker
 
-T = TypeVar("T")
-VERSION_HEADER = "x-editserve-model-version"
 # The memory edits (IKE, ICE, SERAC) whose facts went into a chat prompt: comma-separated ids.
 MEMORY_HEADER = "x-editserve-memory-edits"
+# The scoped edits whose deltas shaped the answer (the request was in their scope): ids.
+SCOPED_HEADER = "x-editserve-scoped-edits"
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,13 @@ class OpenAIServing:
         metrics: ServerMetrics,
         model_name: str,
         prompts: PromptRenderer | None = None,
+        scoped: ScopedEdits | None = None,
     ):
         self.engine = engine
         # The edit service's renderer: chats are fed what edits are checked on.
         self.prompts = prompts or PromptRenderer(engine.tokenizer, engine.max_model_len)
         self.memory = self.prompts.memory  # memory edits (IKE, SERAC) condition chat prompts
+        self.scoped = scoped  # scoped weight edits: some requests run with their deltas
         self.tokenizer = engine.tokenizer
         self.metrics = metrics
         self.model_name = model_name
@@ -87,15 +89,18 @@ class OpenAIServing:
             # bumps the version the request is admitted at), the engine hands the request back
             # unrun and it is rendered again on the new memory, keeping its place in the queue.
             still_valid = None
-            if self.memory is not None:
-                still_valid = partial(self._memory_is_at, self.memory.generation)
+            if self.memory is not None or self.scoped is not None:
+                still_valid = partial(self._edits_are_at, self._edit_generations())
             prompt, memory_header = await self._render_chat(req)
+            users = [m["content"] for m in req.template_messages() if m["role"] == "user"]
+            (row_deltas,), scoped_header = await self._scope_decision([users])
             max_tokens = self._max_tokens(req.requested_max_tokens(), len(prompt))
             stream = self._submit(
                 [prompt] * req.n,
                 lambda i, budget=max_tokens: req.sampling_params(budget, i, req.logprobs_k()),
                 still_valid,
                 first=retry,
+                row_deltas=[row_deltas] * req.n,
             )
             if still_valid is None:
                 break
@@ -104,11 +109,11 @@ class OpenAIServing:
                 break
             stream.abort()  # n > 1: choices admitted before the change must not run alone
             retry = True
-        meta = _meta("chatcmpl", "chat.completion.chunk", self.model_name)
+        meta = wire.meta("chatcmpl", "chat.completion.chunk", self.model_name)
         if req.stream:
             await stream.admitted()  # the version header must name the weights it runs on
             events = self._chat_events(stream, meta, len(prompt), req.include_usage(), started)
-            return _sse(events, stream, _version(stream) | memory_header)
+            return wire.sse(events, stream, wire.version(stream) | memory_header | scoped_header)
         results = await self._collect(http, stream)
         choices = [
             {
@@ -121,7 +126,8 @@ class OpenAIServing:
         ]
         body = {**meta, "object": "chat.completion", "choices": choices}
         body["usage"] = self._usage(len(prompt), results)
-        return JSONResponse(body, headers=_version(stream) | memory_header)
+        headers = wire.version(stream) | memory_header | scoped_header
+        return JSONResponse(body, headers=headers)
 
     async def _render_chat(self, req: ChatCompletionRequest) -> tuple[list[int], dict[str, str]]:
         """The prompt's token ids, and the memory header naming the edits it holds (if any)."""
@@ -134,6 +140,21 @@ class OpenAIServing:
             raise bad_request(str(exc), param="messages") from exc
         held = served.memory_edits
         return served.ids, {MEMORY_HEADER: ",".join(held)} if held else {}
+
+    async def _scope_decision(
+        self, conversations: list[list[str]]
+    ) -> tuple[list[tuple[RowDelta, ...]], dict[str, str]]:
+        """Per conversation (its user messages; a completion's prompt text), the row deltas of
+        the scoped edits whose scope it falls in, decided off the event loop (the sentence
+        encoder runs torch); and the header naming every edit that applied."""
+        if self.scoped is None or not len(self.scoped):
+            return [() for _ in conversations], {}
+        scoped = self.scoped
+        started = time.monotonic()
+        decided = await in_worker(lambda: [scoped.decide(c) for c in conversations])
+        self.metrics.scope_decision.observe(time.monotonic() - started)
+        names = list(dict.fromkeys(n for found, _ in decided for n in found))
+        return [deltas for _, deltas in decided], {SCOPED_HEADER: ",".join(names)} if names else {}
 
     async def _memory_lookup(self, messages: list[dict[str, str]]) -> list[dict[str, Any]]:
         """The memory entries relevant to a chat, looked up off the event loop (the sentence
@@ -156,8 +177,8 @@ class OpenAIServing:
             delta = {"role": "assistant", "content": ""}
             yield {
                 **meta,
-                **_fingerprint(handle.model_version),
-                "choices": [_chunk_choice(handle.index, delta)],
+                **wire.fingerprint(handle.model_version),
+                "choices": [wire.chunk_choice(handle.index, delta)],
                 **extra,
             }
         results = [GenerationResult() for _ in stream.handles]
@@ -167,8 +188,8 @@ class OpenAIServing:
             if not delta and chunk.finish_reason is None and chunk.logprobs is None:
                 continue  # text held back (a possible stop string, a partial character)
             logprobs = self._chat_logprobs(chunk.logprobs)
-            choice = _chunk_choice(index, delta, chunk.finish_reason, logprobs)
-            yield {**meta, **_fingerprint(chunk.model_version), "choices": [choice], **extra}
+            choice = wire.chunk_choice(index, delta, chunk.finish_reason, logprobs)
+            yield {**meta, **wire.fingerprint(chunk.model_version), "choices": [choice], **extra}
         if usage:
             yield {**meta, "choices": [], "usage": self._usage(prompt_tokens, results)}
 
@@ -202,17 +223,30 @@ class OpenAIServing:
         budgets = [self._max_tokens(req.max_tokens, len(p.ids)) for p in prompts]
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         per_choice = [p.ids for p in prompts for _ in range(req.n)]
+        # Scoped edits: each prompt decided on its text (a prompt of token ids reaches none).
+        still_valid = None
+        if self.scoped is not None:
+            still_valid = partial(self._edits_are_at, self._edit_generations())
+        texts = [[p.text] if p.text else [] for p in prompts]
+        decided, scoped_header = await self._scope_decision(texts)
         stream = self._submit(
             per_choice,
             lambda i: req.sampling_params(budgets[i // req.n], i, req.logprobs, prompt_logprobs),
+            still_valid,
+            row_deltas=[d for d in decided for _ in range(req.n)],
         )
+        if still_valid is not None:
+            await stream.admitted()
+            if any(h.stale for h in stream.handles):  # an edit landed meanwhile: once more
+                stream.abort()
+                return await self.completion(req, http)
         prompt_tokens = sum(len(p.ids) for p in prompts)
-        meta = _meta("cmpl", "text_completion", self.model_name)
+        meta = wire.meta("cmpl", "text_completion", self.model_name)
         if req.stream:
             started = time.monotonic()
             await stream.admitted()
             events = self._completion_events(stream, meta, prompt_tokens, req, started)
-            return _sse(events, stream, _version(stream))
+            return wire.sse(events, stream, wire.version(stream) | scoped_header)
         results = await self._collect(http, stream)
         choices = []
         for handle, result in zip(stream.handles, results, strict=True):
@@ -237,7 +271,7 @@ class OpenAIServing:
                 }
             )
         body = {**meta, "choices": choices, "usage": self._usage(prompt_tokens, results)}
-        return JSONResponse(body, headers=_version(stream))
+        return JSONResponse(body, headers=wire.version(stream) | scoped_header)
 
     def _tokenize_prompts(self, prompt: str | list) -> list[PromptText]:
         if isinstance(prompt, str):
@@ -282,7 +316,7 @@ class OpenAIServing:
                 "logprobs": logprobs,
                 "finish_reason": chunk.finish_reason,
             }
-            yield {**meta, **_fingerprint(chunk.model_version), "choices": [choice], **extra}
+            yield {**meta, **wire.fingerprint(chunk.model_version), "choices": [choice], **extra}
         if req.include_usage():
             yield {**meta, "choices": [], "usage": self._usage(prompt_tokens, results)}
 
@@ -331,8 +365,13 @@ class OpenAIServing:
             raise bad_request(problem, param="max_tokens", code="context_length_exceeded")
         return budget
 
-    def _memory_is_at(self, generation: int) -> bool:
-        return self.memory is not None and self.memory.generation == generation
+    def _edit_generations(self) -> tuple[int | None, int | None]:
+        memory, scoped = self.memory, self.scoped
+        return (memory.generation if memory else None, scoped.generation if scoped else None)
+
+    def _edits_are_at(self, generations: tuple[int | None, int | None]) -> bool:
+        """Prompt memory and scoped edits as when the request was rendered and decided."""
+        return self._edit_generations() == generations
 
     def _submit(
         self,
@@ -340,6 +379,7 @@ class OpenAIServing:
         params_for: Callable[[int], SamplingParams],
         still_valid: Callable[[], bool] | None = None,
         first: bool = False,
+        row_deltas: list[tuple[RowDelta, ...]] | None = None,
     ) -> OutputStream:
         if len(prompts) > self.engine.max_batch:
             raise bad_request(
@@ -350,7 +390,8 @@ class OpenAIServing:
         stream = OutputStream()
         # Admitted together: no edit lands between two choices of one call (one version).
         jobs = [(prompt, params_for(i)) for i, prompt in enumerate(prompts)]
-        self.engine.submit_group(jobs, stream, still_valid, first)
+        per_job = row_deltas if row_deltas and any(row_deltas) else None
+        self.engine.submit_group(jobs, stream, still_valid, first, per_job)
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         return stream
 
@@ -374,7 +415,7 @@ class OpenAIServing:
             return results
 
         try:
-            return await _until_disconnect(http, gather())
+            return await wire.until_disconnect(http, gather())
         finally:
             stream.abort()  # no-op for finished generations; frees the rows of abandoned ones
 
@@ -386,65 +427,3 @@ class OpenAIServing:
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
-
-
-def _version(stream: OutputStream) -> dict[str, str]:
-    """The model version every generation of this call ran on (the engine never mixes two),
-    or, for a call preempted by a weight edit, the version it finished on (the newest)."""
-    return {VERSION_HEADER: str(max(h.model_version for h in stream.handles))}
-
-
-def _fingerprint(model_version: int) -> dict[str, str]:
-    """OpenAI's `system_fingerprint`, per streamed chunk: the version that produced it. The
-    header is sent before the first token, and a drain-timeout preemption can move a running
-    request onto a newer version after that (editserve.engine.scheduler)."""
-    return {"system_fingerprint": f"editserve-v{model_version}"}
-
-
-def _meta(prefix: str, obj: str, model: str) -> dict[str, Any]:
-    return {
-        "id": f"{prefix}-{uuid.uuid4().hex}",
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-    }
-
-
-def _chunk_choice(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-
-
-def _sse(events: AsyncIterator[dict], stream: OutputStream, headers: dict) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
-        except Exception as exc:  # headers are gone: report in-band, as OpenAI does
-            yield f"data: {json.dumps(error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
-        finally:
-            stream.abort()  # the client left (or we finished): free the batch rows
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-
-async def _until_disconnect(http: Request, work: Awaitable[T]) -> T:
-    """Runs `work`, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise ClientDisconnected()

@@ -4,6 +4,7 @@ or for a dry run from the workbench as if the edit were applied."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from editserve.answers import contains_answer
 from editserve.edits.memory_edits import MemoryEdits
+from editserve.edits.scoped import ScopedEdits
 from editserve.edits.validation import EditSpec
 from editserve.engine.request import OutputStream
 from editserve.engine.sampling import SamplingParams
@@ -37,8 +39,10 @@ class EditChecks:
         prompts: PromptRenderer,
         workbench: torch.nn.Module,
         memory: MemoryEdits,
+        scoped: ScopedEdits,
     ) -> None:
         self.engine, self.prompts, self.workbench, self.memory = engine, prompts, workbench, memory
+        self.scoped = scoped
 
     def served_prompt(self, question: str, retrieve: Retrieve | None = None) -> list[int]:
         """The prompt the chat route would feed for `question` (answered in CHECK_TOKENS):
@@ -46,40 +50,52 @@ class EditChecks:
         return self.prompts.served_question(question, CHECK_TOKENS, retrieve)
 
     async def answers(self, questions: list[str]) -> list[list[int]]:
-        """Greedy chat answers through the engine: the path users hit."""
+        """Greedy chat answers through the engine: the path users hit, scoped edits decided
+        per question as the chat route decides them."""
         stream = OutputStream()
         params = SamplingParams(max_tokens=CHECK_TOKENS, temperature=0)
-        prompts = await in_worker(lambda: [self.served_prompt(q) for q in questions])
-        for prompt in prompts:
-            self.engine.submit(prompt, params, stream)
+
+        def render() -> list[tuple[list[int], tuple]]:
+            return [(self.served_prompt(q), self.scoped.decide([q])[1]) for q in questions]
+
+        for prompt, row_deltas in await in_worker(render):
+            self.engine.submit(prompt, params, stream, row_deltas=row_deltas)
         return [r.token_ids for r in await stream.results()]
 
     def previewed_answers(
-        self, questions: list[str], result: ParamDelta | MemoryPayload, method: str
+        self,
+        questions: list[str],
+        result: ParamDelta | MemoryPayload,
+        method: str,
+        in_scope: Callable[[str], bool] | None = None,
     ) -> list[list[int]]:
         """Greedy chat answers as if the edit were applied, without applying it (dry runs): on
-        the workbench, with a weight delta added, or with a memory edit previewed."""
-        model, eos = self.workbench, sorted(self.engine.eos_ids)
+        the workbench, with a weight delta added (a scoped one only for the questions
+        `in_scope`), or with a memory edit previewed."""
+        if isinstance(result, MemoryPayload):
+            with self.memory.preview(method, result) as retrieve:
+                return [self._greedy(self.served_prompt(q, retrieve)) for q in questions]
         out = []
-        with ExitStack() as stack, torch.inference_mode():
-            if isinstance(result, MemoryPayload):
-                retrieve = stack.enter_context(self.memory.preview(method, result))
-                prompts = [self.served_prompt(q, retrieve) for q in questions]
-            else:
-                stack.enter_context(added_delta(model, result))
-                prompts = [self.prompts.question_prompt(q) for q in questions]
-            for prompt in prompts:
-                ids = torch.tensor([prompt], device=self.engine.device)
-                generated = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=CHECK_TOKENS,
-                    do_sample=False,
-                    eos_token_id=eos,
-                    pad_token_id=eos[0],
-                )[0, ids.shape[1] :].tolist()
-                out.append([t for t in generated if t not in eos][: len(generated)])
+        for question in questions:
+            with ExitStack() as stack:
+                if in_scope is None or in_scope(question):
+                    stack.enter_context(added_delta(self.workbench, result))
+                out.append(self._greedy(self.prompts.question_prompt(question)))
         return out
+
+    def _greedy(self, prompt: list[int]) -> list[int]:
+        eos = sorted(self.engine.eos_ids)
+        ids = torch.tensor([prompt], device=self.engine.device)
+        with torch.inference_mode():
+            generated = self.workbench.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=CHECK_TOKENS,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
+            )[0, ids.shape[1] :].tolist()
+        return [t for t in generated if t not in eos][: len(generated)]
 
 
 def check_report(

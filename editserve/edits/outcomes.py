@@ -23,6 +23,7 @@ class EditRecord:
     requests: list[dict]
     hparams: dict
     resolved_hparams: Any
+    scope: str = "global"  # or "question": it reaches only requests within its scope
     error: str | None = None  # why it was not replayed
     # Its checks' report, timings and memory description, when they were stored.
     checks: dict | None = None
@@ -46,6 +47,7 @@ class DryRun:
     model_version: int  # the served version it was computed against
     checks: dict
     timings: dict
+    scope: str = "global"
     memory: dict | None = None
     delta: dict | None = None
 

@@ -16,24 +16,26 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import torch
+from memory.question_scope import QuestionScope
 from safetensors import SafetensorError
 
 from editserve.edits.checks import DEFAULT_PROBES, EditChecks, check_report, describe_delta
 from editserve.edits.errors import AlreadyUndone, EditNotFound, InvalidEdit, StorageRefused
 from editserve.edits.journal import STAGED_MARKER, CorruptPayload, Journal, fingerprint
 from editserve.edits.ledger import DeltaRejected, WeightLedger
+from editserve.edits.live import LiveEdits, Placed
 from editserve.edits.memory_edits import MemoryEdits, describe
 from editserve.edits.methods import METHODS
 from editserve.edits.outcomes import DryRun, EditRecord, UndoOutcome
 from editserve.edits.rebase import RebaseOutcome
 from editserve.edits.rebase import rebase as rebase_later
+from editserve.edits.scoped import ScopedEdits, entries_json
 from editserve.edits.statistics import Statistics, default_layers
 from editserve.edits.validation import EditSpec, EditValidator
 from editserve.engine.transformers_engine import TransformersEngine
@@ -100,7 +102,10 @@ class EditService:
         )
         self.memory = MemoryEdits(resolve(engine.model), self.context.arch, encoder, scope)
         self.prompts = PromptRenderer(self.tokenizer, engine.max_model_len, self.memory)
-        self.checks = EditChecks(engine, self.prompts, workbench, self.memory)
+        self.scoped = ScopedEdits(QuestionScope(self.memory.encoder))
+        transposed = self.context.arch.layout.transposed
+        self.live = LiveEdits(engine, self.ledger, self.memory, self.scoped, transposed)
+        self.checks = EditChecks(engine, self.prompts, workbench, self.memory, self.scoped)
         config = engine.model.config
         self.validator = EditValidator(
             self.tokenizer,
@@ -109,6 +114,7 @@ class EditService:
             engine.max_model_len,
             self.chat_prompt,
             self.memory.unavailable,
+            self.memory.encoder.unavailable,
         )
         # Every method's defaults resolve for this model, or the start fails (MissingDefaults):
         # a copy installed without methods/configs would otherwise edit with untuned values.
@@ -160,12 +166,9 @@ class EditService:
             try:
                 if spec is None:
                     raise ValueError(f"this server has no method {row.method!r}")
-                tensors = self.journal.load_payload(row.id)
-                if spec.payload == "memory":
-                    payload = MemoryPayload(row.spec["memory"]["entries"], tensors)
-                    self.memory.register(row.id, row.method, payload)
-                else:
-                    self.ledger.apply(row.id, ParamDelta.from_tensors(tensors))
+                placed = self.live.from_journal(row, self.journal.load_payload(row.id))
+                self.live.stage(placed)  # the engine is not running: done at once
+                self.live.put(row.id, placed)
                 replayed += 1
             except Exception as exc:  # noqa: BLE001 (one bad edit must not stop the others)
                 reason = str(exc) if isinstance(exc, CorruptPayload) else f"{exc!r}"
@@ -176,7 +179,7 @@ class EditService:
                     reason,
                 )
                 self.unreplayed[row.id] = reason
-        if self.memory.has_prompt_entries():
+        if self.memory.has_prompt_entries() or len(self.scoped):
             self.memory.encoder.load()  # now, not on the first chat request
         self.engine.model_version = self.journal.version
         if replayed:
@@ -192,8 +195,9 @@ class EditService:
         hparams: dict | None,
         dry_run: bool = False,
         checks: bool = True,
+        scope: str | None = None,
     ) -> EditRecord | DryRun:
-        edit, spec, resolved = self.validator.validate(method, kind, requests, hparams)
+        edit, spec, resolved = self.validator.validate(method, kind, requests, hparams, scope)
         # Statistics still computing at start-up: waited for here, not holding the edit lock.
         stats = self.statistics if spec.reads_second_moments else None
         stats_wait = await stats.wait() if stats is not None else 0.0
@@ -220,10 +224,16 @@ class EditService:
             memory = isinstance(result, MemoryPayload)
             if memory:
                 record_spec["memory"] = {"entries": result.entries}
+            scoped = None
+            if edit.scope == "question":
+                scoped = await in_worker(self.scoped.prepare, edit_id, edit.requests, edit.probes)
+                record_spec["scope_entries"] = entries_json(scoped)
+                record_spec["shadows"] = sorted(scoped.shadows)
             if dry_run:
+                in_scope = self.scoped.preview(scoped) if scoped is not None else None
                 after = (
                     await in_worker(
-                        self.checks.previewed_answers, questions + probes, result, method
+                        self.checks.previewed_answers, questions + probes, result, method, in_scope
                     )
                     if checks
                     else []
@@ -231,7 +241,8 @@ class EditService:
                 version = self.engine.model_version
             else:
                 t = time.monotonic()
-                version = await self._commit(edit_id, edit, record_spec, result)
+                placed = await in_worker(self.live.placed, edit_id, method, result, scoped)
+                version = await self._commit(edit_id, edit, record_spec, result, placed)
                 timings["apply_s"] = time.monotonic() - t
                 after = await self.checks.answers(questions + probes) if checks else []
             timings["total_s"] = time.monotonic() - started
@@ -261,6 +272,7 @@ class EditService:
                 model_version=version,
                 checks=report,
                 timings=timings,
+                scope=edit.scope,
                 memory=summary.get("memory"),
                 delta=delta,
             )
@@ -294,12 +306,15 @@ class EditService:
             give_back_free_memory()  # else the heap grows with every edit (editserve.heap)
 
     async def _commit(
-        self, edit_id: str, edit: EditSpec, record: dict, result: ParamDelta | MemoryPayload
+        self,
+        edit_id: str,
+        edit: EditSpec,
+        record: dict,
+        result: ParamDelta | MemoryPayload,
+        placed: Placed,
     ) -> int:
-        memory = isinstance(result, MemoryPayload)
-
         def save() -> None:  # flattening copies non-contiguous factors: torch work, off the loop
-            tensors = result.tensors if memory else result.to_tensors()
+            tensors = result.tensors if isinstance(result, MemoryPayload) else result.to_tensors()
             self.journal.begin(edit_id, edit.method, edit.kind, record, tensors)
 
         crash_point("before_payload")
@@ -308,41 +323,29 @@ class EditService:
         crash_point("after_row")
 
         def apply() -> int:
-            if memory:
-                self.memory.register(edit_id, edit.method, result)
-            else:
-                self.ledger.apply(edit_id, result)
+            self.live.put(edit_id, placed)
             crash_point("during_apply")
             try:
                 version = self.journal.mark_applied(edit_id)
             except BaseException:
-                self._take_back(edit_id, memory)  # live weights back as the journal says
+                self.live.take_back(edit_id)  # the live model back as the journal says
                 raise
             self.engine.model_version = version
             return version
 
         try:
             with self._storage("the edit could not be committed"):
-                return await asyncio.wrap_future(self._run_on_engine(edit.method, apply))
+                if (staged := self.live.stage(placed)) is not None:
+                    await asyncio.wrap_future(staged)
+                return await asyncio.wrap_future(self.live.run(placed.place, edit.method, apply))
         except BaseException:
+            if placed.row_delta is not None:  # staged hooks of an edit that never went live
+                self.engine.unregister_row_delta(placed.row_delta)
             try:
                 self.journal.mark_failed(edit_id)
             except STORAGE_ERRORS as exc:  # left pending: the next start drops it
                 log.error("edit %s could not be marked failed: %s", edit_id, exc)
             raise
-
-    def _run_on_engine(self, method: str, change: Callable[[], int]) -> Future:
-        """Weights and codebooks change with no request in flight; prompt memory between two
-        decode steps, without making running requests finish first."""
-        if METHODS[method].drains:
-            return self.engine.run_exclusive(change)
-        return self.engine.run_between_steps(change)
-
-    def _take_back(self, edit_id: str, memory: bool) -> None:
-        if memory:
-            self.memory.remove(edit_id)
-        else:
-            self.ledger.revert(edit_id)
 
     @contextmanager
     def _storage(self, what: str) -> Iterator[None]:
@@ -369,14 +372,9 @@ class EditService:
             later = [r.id for r in self.journal.list(("applied",)) if r.seq > row.seq]
             # Only weight deltas are recomputed on a rebase: prompt memory does not depend on
             # the weights, and GRACE entries keep their keys (see README, "Order").
-            later_params = [
-                r
-                for r in later
-                if METHODS[self.journal.get(r).method].payload == "params"
-                and r not in self.unreplayed  # not in the live weights: nothing to rebase
-            ]
-
-            memory = METHODS[row.method].payload == "memory"
+            # (a scoped edit's delta is not in the weights either, nor a damaged one's)
+            later_params = [r for r in later if self.live.place_of(r) == "weights"]
+            place = self.live.place_of(edit_id) or "weights"  # unreplayed: nothing live
 
             def revert() -> int:
                 # The journal first: if it cannot record the undo, nothing changed; a crash
@@ -384,13 +382,13 @@ class EditService:
                 version = self.journal.mark_undone(edit_id)
                 crash_point("during_undo")
                 if self.unreplayed.pop(edit_id, None) is None:  # else never in the live model
-                    self._take_back(edit_id, memory)
+                    self.live.take_back(edit_id)
                 self.engine.model_version = version
                 return version
 
             t = time.monotonic()
             with self._storage("the undo could not be saved"):
-                await asyncio.wrap_future(self._run_on_engine(row.method, revert))
+                await asyncio.wrap_future(self.live.run(place, row.method, revert))
             undo_s = time.monotonic() - t
             outcome = RebaseOutcome([])
             if rebase and later_params:
@@ -442,6 +440,7 @@ class EditService:
             requests=row.spec["requests"],
             hparams=row.spec["hparams"],
             resolved_hparams=row.spec.get("resolved_hparams"),
+            scope=row.spec.get("scope", "global"),
             checks=summary.get("checks"),
             timings=summary.get("timings"),
             memory=summary.get("memory"),

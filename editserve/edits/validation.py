@@ -11,7 +11,7 @@ from typing import Any
 from editserve.edits.errors import InvalidEdit, MethodUnavailable
 from editserve.edits.methods import METHODS
 from methods.base import EditRequest
-from methods.spec import EDIT_KINDS, MethodSpec
+from methods.spec import EDIT_KINDS, SCOPES, MethodSpec
 
 ERASE_TARGET = "I don't know."
 # A sentence or two: KnowEdit's WikiBio corrections run to 102 tokens (21 of its first 100 are
@@ -29,11 +29,13 @@ class EditSpec:
     requests: list[EditRequest]
     hparams: dict[str, Any] = field(default_factory=dict)
     probes: list[str] = field(default_factory=list)
+    scope: str = "global"
 
     def to_json(self) -> dict:
         return {
             "method": self.method,
             "kind": self.kind,
+            "scope": self.scope,
             "requests": [asdict(r) for r in self.requests],
             "hparams": self.hparams,
             "probes": self.probes,
@@ -44,7 +46,8 @@ class EditSpec:
         requests = [
             EditRequest(**{**r, "rephrase": tuple(r.get("rephrase", ()))}) for r in data["requests"]
         ]
-        return cls(data["method"], data["kind"], requests, data["hparams"], data["probes"])
+        scope = data.get("scope", "global")  # journaled before scopes existed: global
+        return cls(data["method"], data["kind"], requests, data["hparams"], data["probes"], scope)
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,18 @@ class EditValidator:
     max_model_len: int
     chat_prompt: Callable[[str], list[int]]  # what methods train on (`EditContext.chat_prompt`)
     unavailable: Callable[[], Mapping[str, str]]  # methods this install can't run -> why
+    encoder_unavailable: Callable[[], str | None]  # why scope decisions can't run, if so
 
     def resolve_hparams(self, spec: MethodSpec, overrides: dict | None) -> Any:
         return spec.load_hparams(self.model_type, self.num_layers, overrides or {})
 
     def validate(
-        self, method: str, kind: str, requests: list[dict], hparams: dict | None
+        self,
+        method: str,
+        kind: str,
+        requests: list[dict],
+        hparams: dict | None,
+        scope: str | None = None,
     ) -> tuple[EditSpec, MethodSpec, Any]:
         spec = METHODS.get(method)
         if spec is None:
@@ -76,6 +85,7 @@ class EditValidator:
             raise InvalidEdit(f"kind must be one of {', '.join(EDIT_KINDS)}, not {kind!r}", "kind")
         if kind not in spec.kinds:
             raise InvalidEdit(f"{method} does not support {kind!r} edits", "kind")
+        scope = self._scope(spec, scope)
         if not 1 <= len(requests) <= spec.max_requests:
             raise InvalidEdit(
                 f"{method} takes 1 to {spec.max_requests} requests per edit, not {len(requests)}",
@@ -89,7 +99,28 @@ class EditValidator:
             resolved = self.resolve_hparams(spec, hparams)
         except (ValueError, TypeError) as exc:
             raise InvalidEdit(f"hparams: {exc}", "hparams") from exc
-        return EditSpec(method, kind, edit_requests, dict(hparams or {}), probes), spec, resolved
+        edit = EditSpec(method, kind, edit_requests, dict(hparams or {}), probes, scope)
+        return edit, spec, resolved
+
+    def _scope(self, spec: MethodSpec, scope: str | None) -> str:
+        scope = spec.default_scope if scope is None else scope
+        if scope not in SCOPES:
+            raise InvalidEdit(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}", "scope")
+        if scope not in spec.scopes:
+            able = ", ".join(m for m, s in METHODS.items() if scope in s.scopes)
+            why = (
+                "its facts already reach only the requests they are retrieved for"
+                if spec.payload == "memory"
+                else "its delta is dense, and a dense delta cannot be added per request cheaply"
+            )
+            raise InvalidEdit(
+                f"{spec.name} edits cannot have scope {scope!r}: {why}; use scope 'global', "
+                f"or one of {able}",
+                "scope",
+            )
+        if scope == "question" and (why := self.encoder_unavailable()):
+            raise MethodUnavailable(f"scoped edits are unavailable on this server: {why}", "scope")
+        return scope
 
     def _request(self, i: int, kind: str, raw: dict) -> EditRequest:
         where = f"requests.{i}"

@@ -164,13 +164,21 @@ class TransformersEngine:
 
     def register_row_delta(self, delta: RowDelta) -> Future:
         """Hooks `delta`'s modules before any request needs it, without draining; they stay
-        hooked until `unregister_row_delta` and the last request carrying it is done."""
+        hooked until `unregister_row_delta` and the last request carrying it is done. Before
+        `start` (a replay) it is done at once, on the caller's thread."""
         self._row_deltas.check(delta)
-        return self.run_between_steps(lambda: self._row_deltas.register(delta))
+        return self._on_engine_thread(lambda: self._row_deltas.register(delta))
 
     def unregister_row_delta(self, delta: RowDelta) -> Future:
         """Running and queued requests that carry `delta` keep it."""
-        return self.run_between_steps(lambda: self._row_deltas.unregister(delta))
+        return self._on_engine_thread(lambda: self._row_deltas.unregister(delta))
+
+    def _on_engine_thread(self, fn: Callable[[], Any]) -> Future:
+        if self._thread is not None and self._thread.is_alive():
+            return self.run_between_steps(fn)
+        done: Future = Future()  # nothing runs: the caller owns the model
+        done.set_result(fn())
+        return done
 
     # -- called from the event loop ----------------------------------------------------------
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from editserve.api.errors import ClientDisconnected
-from editserve.api.serving import _until_disconnect
+from editserve.api.wire import until_disconnect as _until_disconnect
 
 
 class FakeRequest:
