@@ -51,6 +51,7 @@ def install_shift(monkeypatch: pytest.MonkeyPatch) -> None:
         load_shift,
         compute_shift,
         "test stand-in",
+        scopes=frozenset({"global", "question"}),
     )
     monkeypatch.setitem(edit_methods.METHODS, "shift", spec)
 
