@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: eval-<method>-<data name>)")
     p.add_argument("--baseline", type=Path, help="unedited observations to share between methods")
     p.add_argument("--hparams", type=json.loads, help="JSON object of hyperparameter overrides")
+    p.add_argument(
+        "--scope",
+        choices=["global", "question"],
+        help="the edits' scope (default: the method's); question: only requests in scope",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--answer-tokens", type=int, default=24, help="judged chat answers: at least this long"
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         sequential=args.sequential,
         hparams=args.hparams,
+        scope=args.scope,
         settings=MeasureSettings(
             answer_tokens=args.answer_tokens,
             answer_margin=None if args.answer_margin < 0 else args.answer_margin,

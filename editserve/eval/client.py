@@ -157,10 +157,13 @@ class EvalClient:
         requests: list[dict[str, Any]],
         kind: str = "modify",
         hparams: dict[str, Any] | None = None,
+        scope: str | None = None,
     ) -> dict[str, Any]:
         body = {"method": method, "kind": kind, "requests": requests, "checks": False}
         if hparams:
             body["hparams"] = hparams
+        if scope:
+            body["scope"] = scope
         r = await self._edit_call("POST", "/edits", json=body)
         if 400 <= r.status_code < 500:
             raise EditRefused(_message(r))

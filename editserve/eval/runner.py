@@ -59,6 +59,7 @@ class RunConfig:
     split: str = "report"  # report | tune | all (editserve.eval.splits)
     sequential: bool = False
     hparams: dict[str, Any] | None = None
+    scope: str | None = None  # "global" or "question" (None: the method's default)
     settings: MeasureSettings = field(default_factory=MeasureSettings)
     max_probes: int | None = None
     checkpoints: tuple[int, ...] = CHECKPOINTS
@@ -92,6 +93,7 @@ class Run:
             "records": describe(c.data, c.split, [r.index for r in self.records]),
             "sequential": c.sequential,
             "hparams": c.hparams,
+            **({"scope": c.scope} if c.scope else {}),
             "settings": c.settings.as_dict(),
             "max_probes": c.max_probes,
             "model": self.client.model,
@@ -144,7 +146,7 @@ class Run:
         # (an independent 100, a sequential 1,000) share them; older files name an n: ignored.
         def comparable(ident: dict[str, Any]) -> dict[str, Any]:
             # The split only chooses which indices: observations of an index are the same.
-            skip = ("method", "sequential", "hparams", "n", "split", "records")
+            skip = ("method", "sequential", "hparams", "scope", "n", "split", "records")
             return {k: v for k, v in ident.items() if k not in skip}
 
         meta = comparable(self.identity())
@@ -201,7 +203,11 @@ class Run:
             write_json(pending, {"index": record.index})
             try:
                 edit = await self.client.post_edit(
-                    self.cfg.method, list(record.requests), record.kind, self.cfg.hparams
+                    self.cfg.method,
+                    list(record.requests),
+                    record.kind,
+                    self.cfg.hparams,
+                    self.cfg.scope,
                 )
             except EditRefused as exc:
                 pending.unlink()
@@ -305,7 +311,11 @@ class Run:
         for record in self.records[len(edits) :]:
             try:
                 edit = await self.client.post_edit(
-                    self.cfg.method, list(record.requests), record.kind, self.cfg.hparams
+                    self.cfg.method,
+                    list(record.requests),
+                    record.kind,
+                    self.cfg.hparams,
+                    self.cfg.scope,
                 )
                 event = {
                     "event": "edit",
