@@ -25,7 +25,7 @@ serve: install
 	$(BIN)/editserve serve
 
 lint: install
-	$(BIN)/ruff check .
+	$(BIN)/ruff check --no-cache .
 
 test: install lint
 	$(BIN)/python -m pytest

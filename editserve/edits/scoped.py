@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from memory.question_scope import QuestionScope, ScopeEntry, build_entry
 
 from editserve.engine.row_deltas import RowDelta
+from memory.question_scope import QuestionScope, ScopeEntry, build_entry
 from methods.base import EditRequest, ParamDelta
 
 

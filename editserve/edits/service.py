@@ -22,7 +22,6 @@ from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import torch
-from memory.question_scope import QuestionScope
 from safetensors import SafetensorError
 
 from editserve.edits.checks import DEFAULT_PROBES, EditChecks, check_report, describe_delta
@@ -44,6 +43,7 @@ from editserve.heap import give_back_free_memory
 from editserve.prompts import PromptRenderer
 from editserve.threads import in_worker
 from memory.encoder import SentenceEncoder
+from memory.question_scope import QuestionScope
 from memory.scope import ScopeClassifier
 from methods.architectures import resolve
 from methods.base import EditContext, EditRequest, ParamDelta
