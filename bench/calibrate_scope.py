@@ -42,7 +42,7 @@ FILES = {
     "wiki_counterfact": "wiki_counterfact/test_cf.dev.json",
 }
 TAUS = [round(0.3 + 0.025 * i, 3) for i in range(27)]  # 0.30 .. 0.95
-MARGINS = [round(-0.25 + 0.01 * i, 3) for i in range(41)]  # -0.25 .. 0.15
+MARGINS = [round(-0.4 + 0.01 * i, 3) for i in range(56)]  # -0.40 .. 0.15
 PLACEHOLDERS = ("X", "it", "something")  # the subject's mask, tried
 DEFAULTS = ROOT / "memory/question_scope_defaults.json"
 
