@@ -73,7 +73,7 @@ class PreparedScope:
     engine thread: the encoder runs here)."""
 
     entries: list[ScopeEntry]
-    vectors: list[np.ndarray]
+    vectors: list[dict[str, np.ndarray]]  # per entry: masked text -> vector
     shadows: frozenset[str]  # older edits of the same fact, which this one overrides
 
 
