@@ -116,7 +116,7 @@ def compute_targets(ctx: EditContext, requests: list[EditRequest], h: MemitHyper
             ValueGroup(
                 rewrite_rows=tuple(range(first, first + len(rewrites))),
                 essence_rows=tuple(range(first + len(rewrites), len(seqs))),
-                answer=rewrites[0].answer,
+                answers=(rewrites[0].answer,),
             )
         )
     replay = SuffixReplay(ctx, last, ctx.arch.down_proj(last), seqs, from_block=True)

@@ -36,9 +36,12 @@ from methods.common import (
     NEUTRAL_QUESTIONS,
     ChatSequence,
     added_low_rank,
+    chat_sequence,
     collect_keys,
     edit_sequences,
+    target_ids,
 )
+from methods.fluent_target import fluent_target, scope_questions, unedited_answers
 from methods.hparams import HparamCheck, load_hparams
 from methods.spec import ALL_KINDS, SCOPES, MethodSpec
 from methods.suffix_replay import SuffixReplay
@@ -61,9 +64,14 @@ class RomeHyperParams:
     n_neutral: int = 6  # unrelated chats whose keys join C (common.NEUTRAL_QUESTIONS)
     covariance: str = "none"  # "none" (C = I) or "context"
     cov_ridge: float = 0.1  # C = K Kᵀ/n + cov_ridge · tr(K Kᵀ/n)/d · I
+    # "global": the bare target behind context prefixes, essence held by KL (the delta reaches
+    # every request, so it must leave the rest alone); "scope": a scoped edit's, the fluent
+    # target on each of the scope's questions (methods.fluent_target), no essence rows.
+    objective: str = "global"
 
 
 COVARIANCES = ("none", "context")
+OBJECTIVES = ("global", "scope")
 
 
 def load_rome_hparams(
@@ -82,6 +90,7 @@ def load_rome_hparams(
     check.in_range("n_neutral", 0, len(NEUTRAL_QUESTIONS))
     check.not_negative("kl_factor", "weight_decay", "stop_margin")
     check.one_of("covariance", COVARIANCES)
+    check.one_of("objective", OBJECTIVES)
     check.done("invalid ROME hyperparameters: ")
     return h
 
@@ -135,10 +144,29 @@ def compute_value(
     group = ValueGroup(
         rewrite_rows=tuple(range(n)),
         essence_rows=tuple(range(n, replay.suffix.shape[0])),
-        answer=rewrites[0].answer,
+        answers=tuple(r.answer for r in rewrites),
     )
     (result,) = optimise_values(ctx, replay, [group], ValueSettings.of(hparams))
     return result
+
+
+def rome_sequences(
+    ctx: EditContext, request: EditRequest, hparams: RomeHyperParams
+) -> tuple[list[ChatSequence], list[ChatSequence]]:
+    """(rewrites, essence): under the global objective, the prompt behind context prefixes with
+    the bare target, and essence questions; under the scope objective, each scope question with
+    its fluent target, and no essence (the delta reaches only the scope)."""
+    if hparams.objective == "global":
+        return edit_sequences(ctx, request, hparams.n_contexts, len(ESSENCE_QUESTIONS))
+    questions = scope_questions(request)
+    answers = unedited_answers(ctx, questions)
+    rewrites = [
+        chat_sequence(
+            ctx, q, request.subject, target_ids(ctx.tokenizer, fluent_target(a, q, request))
+        )
+        for q, a in zip(questions, answers, strict=True)
+    ]
+    return rewrites, []
 
 
 def compute_rome(
@@ -147,9 +175,7 @@ def compute_rome(
     """One rank-one update of `down_proj(layer)` per request, stacked (rank k for k requests)."""
     if not requests:
         raise ValueError("a ROME edit needs at least one request")
-    contexts = [  # ValueError on bad subjects
-        edit_sequences(ctx, r, hparams.n_contexts, len(ESSENCE_QUESTIONS)) for r in requests
-    ]
+    contexts = [rome_sequences(ctx, r, hparams) for r in requests]  # ValueError: bad subjects
     name = ctx.arch.down_proj_name(hparams.layer)
     module = ctx.arch.down_proj(hparams.layer)
     neutral = None
@@ -197,6 +223,7 @@ SPEC = MethodSpec(
     name="rome",
     kinds=ALL_KINDS,
     scopes=frozenset(SCOPES),
+    scoped_hparams={"objective": "scope"},
     max_requests=8,
     load_hparams=load_rome_hparams,
     compute=compute_rome,

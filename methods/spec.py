@@ -12,8 +12,8 @@ the edit memory or the GRACE codebook), computed as compute(ctx, memory_ctx, req
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 EditKind = Literal["insert", "modify", "erase"]
@@ -51,3 +51,6 @@ class MethodSpec:
     # an edit gets when it names none.
     scopes: frozenset[str] = frozenset({"global"})
     default_scope: str = "global"
+    # Hyperparameters a scoped edit starts from (a request's own overrides come on top): a
+    # delta that reaches only its scope can be trained on the scope, not against the world.
+    scoped_hparams: Mapping[str, Any] = field(default_factory=dict)

@@ -45,12 +45,19 @@ class ValueSettings:
 
 @dataclass(frozen=True)
 class ValueGroup:
-    """One request's rows in a replay: contexts followed by `answer` (teacher-forced; the first
-    is the bare prompt), and essence questions about the subject (held by the KL term)."""
+    """One request's rows in a replay: contexts each followed by its answer (teacher-forced; the
+    first row is the bare prompt), and essence questions about the subject (held by the KL
+    term). `answers` has one entry per rewrite row (a scoped edit's fluent targets differ per
+    question), or a single one that every row shares."""
 
     rewrite_rows: tuple[int, ...]
     essence_rows: tuple[int, ...]
-    answer: tuple[int, ...]
+    answers: tuple[tuple[int, ...], ...]
+
+    def answer_of(self, row: int) -> tuple[int, ...]:
+        if len(self.answers) == 1:
+            return self.answers[0]
+        return self.answers[self.rewrite_rows.index(row)]
 
 
 @dataclass
@@ -164,8 +171,9 @@ class _Chunk:
                 es_ref.append(ref_of[row])
                 es_weight.append(1 / len(g.essence_rows))
                 continue
-            n_tokens = len(g.rewrite_rows) * len(g.answer)  # NLL: mean over all of them
-            for j, token in enumerate(g.answer):
+            answer = g.answer_of(row)
+            n_tokens = len(g.rewrite_rows) * len(answer)  # NLL: per row's mean, then rows' mean
+            for j, token in enumerate(answer):
                 stop_check.append(row == g.rewrite_rows[0])
                 tgt_rows.append(at)
                 tgt_cols.append(answer_cols[row] + j)

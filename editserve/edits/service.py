@@ -408,7 +408,7 @@ class EditService:
         """A weight edit's delta computed again from its journaled request, on the model now."""
         edit = EditSpec.from_json(self.journal.get(edit_id).spec)
         spec = METHODS[edit.method]
-        resolved = self.validator.resolve_hparams(spec, edit.hparams)
+        resolved = self.validator.resolve_hparams(spec, edit.hparams, edit.scope)
         delta = await in_worker(self._compute, spec, self._context_now(), edit.requests, resolved)
         assert isinstance(delta, ParamDelta)  # only weight edits are rebased
         return delta

@@ -62,8 +62,11 @@ class EditValidator:
     unavailable: Callable[[], Mapping[str, str]]  # methods this install can't run -> why
     encoder_unavailable: Callable[[], str | None]  # why scope decisions can't run, if so
 
-    def resolve_hparams(self, spec: MethodSpec, overrides: dict | None) -> Any:
-        return spec.load_hparams(self.model_type, self.num_layers, overrides or {})
+    def resolve_hparams(
+        self, spec: MethodSpec, overrides: dict | None, scope: str = "global"
+    ) -> Any:
+        start = spec.scoped_hparams if scope == "question" else {}
+        return spec.load_hparams(self.model_type, self.num_layers, {**start, **(overrides or {})})
 
     def validate(
         self,
@@ -96,7 +99,7 @@ class EditValidator:
             edit_requests.append(self._request(i, kind, raw))
             probes += raw.get("locality") or []
         try:
-            resolved = self.resolve_hparams(spec, hparams)
+            resolved = self.resolve_hparams(spec, hparams, scope)
         except (ValueError, TypeError) as exc:
             raise InvalidEdit(f"hparams: {exc}", "hparams") from exc
         edit = EditSpec(method, kind, edit_requests, dict(hparams or {}), probes, scope)

@@ -218,7 +218,7 @@ def _fact_rows(
         essence = [chat_sequence(ctx, f"What is {subject}?", subject)]
         first = len(seqs)
         seqs += [*rewrites, *essence]
-        groups.append(ValueGroup((first, first + 1), (first + 2,), tuple(answer)))
+        groups.append(ValueGroup((first, first + 1), (first + 2,), (tuple(answer),)))
     return seqs, groups
 
 
@@ -236,7 +236,7 @@ def test_values_optimised_together_equal_values_optimised_one_by_one() -> None:
     together = optimise_values(ctx, SuffixReplay(ctx, 1, module, seqs), groups, settings)
     for i, group in enumerate(groups):
         rows = list(group.rewrite_rows + group.essence_rows)
-        alone_group = ValueGroup((0, 1), (2,), group.answer)
+        alone_group = ValueGroup((0, 1), (2,), group.answers)
         replay = SuffixReplay(ctx, 1, module, [seqs[r] for r in rows])
         (alone,) = optimise_values(ctx, replay, [alone_group], settings)
         assert alone.steps == together[i].steps
