@@ -110,7 +110,12 @@ class CachedQueries:
 
 
 def judge(scope: QuestionScope, text: str, keep: Any) -> list[tuple[float, float]]:
-    return [(s.positive, s.negative) for s in scope.scores([text]) if keep(s.edit_id)]
+    # An answer-type conflict never fires, whatever tau and margin: scored as no positive.
+    return [
+        (-1.0 if s.type_conflict else s.positive, s.negative)
+        for s in scope.scores([text])
+        if keep(s.edit_id)
+    ]
 
 
 def measure(scope: QuestionScope, records: dict[str, list[EvalRecord]]) -> dict[str, Queries]:

@@ -18,7 +18,8 @@ conversation (its user messages, the last one last), newest first:
    one row, for every edit that has it.
 3. Rule per candidate edit: in scope iff max cos(query, positives) >= tau and that minus max
    cos(query, negatives) >= margin: near the edit's question, and nearer to it than to the
-   subject's other questions.
+   subject's other questions; and it does not ask for another kind of answer than the edit's
+   questions do (`memory.answer_type`: "When was X painted?" is not "Who painted X?").
 
 tau, margin and the mask default to the calibration in `question_scope_defaults.json` (written
 by bench/calibrate_scope.py on the tuning split); an entry may carry its own tau and margin.
@@ -43,6 +44,7 @@ import numpy as np
 
 from memory.question_bank import UNRELATED, subject_negatives
 from memory.rewordings import rewordings
+from memory.answer_type import answer_type, conflicts
 from memory.subject_gate import (
     Key,
     SubjectIndex,
@@ -157,6 +159,7 @@ class ScopeScore:
     in_scope: bool
     query: str  # the text embedded (the subject masked)
     follow_up: bool
+    type_conflict: bool = False  # it asks for another kind of answer (memory.answer_type)
 
 
 @dataclass
@@ -166,6 +169,7 @@ class _Compiled:
     key: Key
     positives: tuple[str, ...]  # masked texts, rows of the scope's store
     negatives: tuple[str, ...]
+    answer_types: frozenset[str]  # what its positives ask for: a person, a time, ...
 
 
 class QuestionScope:
@@ -239,7 +243,8 @@ class QuestionScope:
             if entry.edit_id in self._entries:
                 raise ValueError(f"{entry.edit_id} already has a scope entry")
             self._seq += 1
-            compiled = _Compiled(entry, self._seq, key, positives, negatives)
+            types = frozenset(filter(None, map(answer_type, entry.positives)))
+            compiled = _Compiled(entry, self._seq, key, positives, negatives, types)
             self._entries[entry.edit_id] = compiled
             self._by_key.setdefault(key, {})[entry.edit_id] = compiled
             self._index.add(key)
@@ -316,8 +321,9 @@ class QuestionScope:
             neg = float(sims[p:].max()) if len(sims) > p else -1.0
             tau = self.tau if c.entry.tau is None else c.entry.tau
             margin = self.margin if c.entry.margin is None else c.entry.margin
-            hit = pos >= tau and pos - neg >= margin
-            out.append(ScopeScore(c.entry.edit_id, pos, neg, hit, query, follow_up))
+            conflict = conflicts(last, c.answer_types)
+            hit = pos >= tau and pos - neg >= margin and not conflict
+            out.append(ScopeScore(c.entry.edit_id, pos, neg, hit, query, follow_up, conflict))
         return out
 
     def _follow_up(self, conversation: Sequence[str]) -> set[Key]:

@@ -244,3 +244,31 @@ def test_the_eiffel_tower_example_on_the_sentence_encoder(
     follow_up = ["Tell me about the Eiffel Tower.", "Which city is it in?"]
     assert scope.decide(follow_up) == ["eiffel"], scope.scores(follow_up)
     assert scope.decide(["Tell me about the Eiffel Tower.", "How tall is it?"]) == []
+
+
+# -- the kind of answer asked -------------------------------------------------------------------
+
+
+def test_question_words_give_the_kind_of_answer_and_other_text_none() -> None:
+    from memory.answer_type import answer_type
+
+    assert answer_type("Who painted the Mona Lisa?") == "person"
+    assert answer_type("Which artist painted it?") == "person"
+    assert answer_type("When was the Mona Lisa painted?") == "time"
+    assert answer_type("In what year did it open?") == "time"
+    assert answer_type("And where is it?") == "place"
+    assert answer_type("In which city is the Eiffel Tower?") == "place"
+    assert answer_type("How tall is it?") == "quantity"
+    assert answer_type("What is the capital of Germany?") is None
+    assert answer_type("The Eiffel Tower is located in the city of") is None
+
+
+def test_a_question_asking_another_kind_of_answer_is_out_of_scope_however_near() -> None:
+    entry = build_entry("painter/0", "Who painted the Mona Lisa?", "Mona Lisa", (), ())
+    scope = scope_of(entry, tau=0.3, margin=-1.0)  # the rule alone would take both
+    assert scope.decide(["Who painted the Mona Lisa?"]) == ["painter/0"]
+    (score,) = scope.scores(["When was the Mona Lisa painted?"])
+    assert score.type_conflict and not score.in_scope and score.positive >= 0.3
+    # an edit whose questions have no type is constrained by none
+    capital = build_entry("capital/0", "What is the capital of Germany?", "Germany", (), ())
+    assert scope_of(capital, tau=0.3, margin=-1.0).decide(["Which city is Germany's capital?"])
