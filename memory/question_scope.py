@@ -42,9 +42,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from memory.answer_type import answer_type, conflicts
 from memory.question_bank import UNRELATED, subject_negatives
 from memory.rewordings import rewordings
-from memory.answer_type import answer_type, conflicts
 from memory.subject_gate import (
     Key,
     SubjectIndex,
