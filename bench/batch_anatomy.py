@@ -44,7 +44,7 @@ from edits import (
     target_hits,
     unchanged,
 )
-from harness import machine_info, write_report
+from harness import RESULTS, machine_info, write_report
 
 from editserve.edits.journal import fingerprint
 from editserve.eval.metrics import agreement, mean
@@ -294,7 +294,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     add_records_arguments(parser)  # the tuning split by default: this script chose settings
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "batch_anatomy.json"
+        "--out", type=Path, default=RESULTS / "batch_anatomy.json"
     )
     args = parser.parse_args()
     records = load_records(args.n, args.data, args.first_record, args.force_report_records)

@@ -44,7 +44,7 @@ from edits import (
     target_hits,
     unchanged,
 )
-from harness import ServerProcess, machine_info, write_report
+from harness import RESULTS, ServerProcess, machine_info, write_report
 
 WIKI = DATA.parents[2] / "corpus_wikitext" / "wiki.valid.dev.raw"
 LOCALITY_TOKENS = 16
@@ -235,7 +235,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     add_records_arguments(parser)
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "batch_edits.json"
+        "--out", type=Path, default=RESULTS / "batch_edits.json"
     )
     args = parser.parse_args()
     n = max([int(s) for s in args.batches.split(",") if s] + [args.sequential])

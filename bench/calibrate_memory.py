@@ -30,6 +30,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from harness import RESULTS  # noqa: E402
+
 DATA = ROOT.parent / "shared/data/knowedit/zsre/ZsRE-test-all.dev.json"
 
 from editserve.eval.splits import (  # noqa: E402
@@ -155,7 +157,7 @@ def main() -> None:
     )
     ap.add_argument("--grace-layers", default="", help="comma-separated layers (embedded model)")
     ap.add_argument("--grace-n", type=int, default=40)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/calibrate_memory.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "calibrate_memory.json")
     args = ap.parse_args()
     if not args.data.is_file():
         sys.exit(f"no data at {args.data}")

@@ -36,6 +36,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from harness import RESULTS  # noqa: E402
+
 DATA = ROOT.parent / "shared/data/knowedit"
 FILES = {
     "zsre": "zsre/ZsRE-test-all.dev.json",
@@ -249,7 +251,7 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=REPORT_RECORDS, help="first tuning record")
     add_force_argument(ap)
     ap.add_argument("--threads", type=int, default=1, help="the encoder's threads (served: 1)")
-    ap.add_argument("--out", type=Path, default=ROOT / "results/tune/question_scope.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "tune/question_scope.json")
     ap.add_argument("--write-defaults", action="store_true", help=f"write {DEFAULTS.name}")
     args = ap.parse_args()
     if missing := [str(args.data / p) for p in FILES.values() if not (args.data / p).is_file()]:

@@ -19,6 +19,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from harness import RESULTS
+
 from editserve.eval.datasets import load
 from editserve.eval.metrics import judged_sentiment
 
@@ -31,7 +33,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/convsent_judge.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "convsent_judge.json")
     args = parser.parse_args()
 
     _, records = load(args.data, seed=args.seed)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import ServerProcess, machine_info, percentile
+from harness import RESULTS, ServerProcess, machine_info, percentile
 
 from editserve.eval.client import EvalClient as Api
 from editserve.eval.metrics import contains_answer
@@ -228,7 +228,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     add_records_arguments(parser)
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "edits.json"
+        "--out", type=Path, default=RESULTS / "edits.json"
     )
     args = parser.parse_args()
     records = load_records(args.n, args.data, args.first_record, args.force_report_records)

@@ -23,9 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/memory.py would shadow `memory`
+sys.path.append(str(ROOT / "bench"))
 
-from harness import machine_info, percentile  # noqa: E402
+from harness import RESULTS, machine_info, percentile  # noqa: E402
 
 from memory import encoder as encoder_module  # noqa: E402
 from memory.encoder import DIM, SentenceEncoder  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=400, help="queries per variant")
     ap.add_argument("--memory-size", type=int, default=10_000, help="entries for the search")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/encoder_latency.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "encoder_latency.json")
     args = ap.parse_args()
     names = args.variants.split(",")
     encoders = {n: SentenceEncoder(**VARIANTS[n]) for n in names}

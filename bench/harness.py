@@ -15,6 +15,9 @@ from typing import Any
 
 import httpx
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"  # what the benchmarks measured; bench/ holds only the scripts
+
 
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100), as numpy's default."""

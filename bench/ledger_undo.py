@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))
 
-from harness import machine_info, percentile, write_report  # noqa: E402
+from harness import RESULTS, machine_info, percentile, write_report  # noqa: E402
 
 from editserve.edits.ledger import CHUNK, WeightLedger  # noqa: E402
 from methods.base import ParamDelta  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--active", default="1,100,1000", help="active edits, comma-separated")
     parser.add_argument("--rounds", type=int, default=100, help="timed rounds per count")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ledger_undo.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ledger_undo.json")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args()
     if args.threads:

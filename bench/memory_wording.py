@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edits import DATA, Api, add_records_arguments, load_records
-from harness import ServerProcess, machine_info, write_report
+from harness import RESULTS, ServerProcess, machine_info, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -171,7 +171,7 @@ def main() -> int:
     parser.add_argument("--erase-n", type=int, default=64, help="questions to erase (0: skip)")
     parser.add_argument("--erase-tokens", type=int, default=12)
     parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "memory_wording.json"
+        "--out", type=Path, default=RESULTS / "memory_wording.json"
     )
     args = parser.parse_args()
     if args.erase_n and ".dev." in args.erase_data.name and not args.force_report_records:

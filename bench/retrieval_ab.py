@@ -22,10 +22,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/memory.py would shadow `memory`
+sys.path.append(str(ROOT / "bench"))
 
 from encoder_latency import VARIANTS  # noqa: E402
-from harness import machine_info, percentile  # noqa: E402
+from harness import RESULTS, machine_info, percentile  # noqa: E402
 
 WARM_UP = 5
 FACT = {"prompt": "Who founded Zorvel Works?", "subject": "Zorvel Works", "target_new": "Kra Smith"}
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument(
         "--variants", default="before_eager_fp32,traced_fp32_1thread,traced_int8_1thread"
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/retrieval_ab.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "retrieval_ab.json")
     args = ap.parse_args()
     from fastapi.testclient import TestClient
 

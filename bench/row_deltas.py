@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))
 
-from harness import machine_info, percentile, write_report  # noqa: E402
+from harness import RESULTS, machine_info, percentile, write_report  # noqa: E402
 
 from editserve.engine.request import OutputStream  # noqa: E402
 from editserve.engine.row_deltas import RowDelta, RowDeltaHooks  # noqa: E402
@@ -163,7 +163,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--forwards", type=int, default=200, help="decoder forwards per setting")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "row_deltas.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "row_deltas.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,8 +7,8 @@ weight edits in journal order to the embedded model offline, and every `--every`
 - the greedy chat answers to a few questions no edit is about, and how many still match the
   unedited model's answers.
 
-    python bench/sequence_health.py --state bench/results/eval/state-sequential-memit \
-        --every 50 --out bench/results/sequence_health_memit.json
+    python bench/sequence_health.py --state results/eval/state-sequential-memit \
+        --every 50 --out results/sequence_health_memit.json
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ def main() -> int:
     params = dict(loaded.model.named_parameters())
     journal = Journal(args.state)
     # Weight edits only, in journal order: a memory edit (GRACE, SERAC, IKE, ICE) changes no
-    # weight, and its spec names its memory entries. (editserve.edits.methods would say it too,
-    # but its import of the `memory` package meets bench/memory.py first on this script's path.)
+    # weight, and its spec names its memory entries.
     rows = [r for r in journal.list(("applied",)) if "memory" not in r.spec]
     pristine: dict[str, torch.Tensor] = {}
     total: dict[str, torch.Tensor] = {}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import ServerProcess, machine_info, percentile
+from harness import RESULTS, ServerProcess, machine_info, percentile
 
 TOPICS = [
     "a lighthouse keeper who finds a message in a bottle",
@@ -394,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-batches", type=int_list, default=[1, 8])
     p.add_argument("--baseline-tokens", type=int, default=128)
     p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "serve.json"
+        "--out", type=Path, default=RESULTS / "serve.json"
     )
     return p.parse_args(argv)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 import openai
-from harness import ServerProcess, machine_info, percentile
+from harness import RESULTS, ServerProcess, machine_info, percentile
 
 ANSWER_TOKENS = 24
 REQUEST_TIMEOUT_S = 300.0  # a request slower than this counts as hung
@@ -323,7 +323,7 @@ def main() -> int:
     parser.add_argument("--undos", type=int, default=50)
     parser.add_argument("--rome-every", type=int, default=10, help="0: memory edits only")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "soak.json"))
+    parser.add_argument("--out", default=str(RESULTS / "soak.json"))
     args = parser.parse_args()
     if not (args.url or args.start):
         parser.error("give --url or --start")

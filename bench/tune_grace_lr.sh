@@ -11,7 +11,7 @@ for i in $(seq 60); do curl -sf localhost:8812/health >/dev/null && break; sleep
 Z=../shared/data/knowedit/zsre/ZsRE-test-all.dev.json
 for L in 3.0 1.0 2.0 4.0; do
   .venv/bin/editserve eval --server http://127.0.0.1:8812 --method grace --data $Z --split tune --n 12 \
-    --hparams "{\"lr\": $L}" --baseline bench/results/tune/grace-baseline --out bench/results/tune/grace-lr-$L --no-progress \
+    --hparams "{\"lr\": $L}" --baseline results/tune/grace-baseline --out results/tune/grace-lr-$L --no-progress \
     > ${TMPDIR:-/tmp}/editserve-tune-grace-$L.log 2>&1
   echo "lr $L done $(date)"
 done

@@ -4,7 +4,7 @@ An edit's optimisation allocates and frees thousands of tensors of sizes that ch
 prompt. glibc keeps what they freed in its heap, fragmented, and reuses little of it: a server
 making sequential MEMIT edits on the embedded model grew 60-70 MB of resident memory per edit
 (2 cores, 24 GiB), swapped at ~380 edits, and one edit then ran past 10 minutes. Trimming after
-each edit kept it flat (bench/edit_memory.py measures both).
+each edit kept it flat (bench/edit_rss.py measures both).
 """
 
 from __future__ import annotations

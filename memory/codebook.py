@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from memory.grace_rules import Decision, Fold, Op, Plan, apply_op, plan_op
-from memory.persist import json_tensor, tensor_json
+from memory.json_tensors import json_tensor, tensor_json
 
 __all__ = ["Codebook", "Decision", "Plan", "lookup", "substitute"]
 

@@ -22,14 +22,13 @@ import copy
 import json
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
-from memory.persist import json_tensor, load_bundle, save_bundle, tensor_json
+from memory.json_tensors import json_tensor, tensor_json
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class _State:
 
 
 class EditMemory:
-    """Entries of edits, searchable by inner product; thread-safe; persistable."""
+    """Entries of edits, searchable by inner product; thread-safe; snapshots exactly."""
 
     def __init__(
         self,
@@ -145,8 +144,8 @@ class EditMemory:
         vectors = self._as_matrix(embeddings)  # [n, d]
         if len(entries) != len(vectors):
             raise ValueError(f"{len(entries)} entries but {len(vectors)} embeddings")
-        # Round-trip through JSON now so `save` can never fail on them, and so later changes to
-        # the caller's dicts cannot reach the memory.
+        # Round-trip through JSON now so `to_tensors` can never fail on them, and so later
+        # changes to the caller's dicts cannot reach the memory.
         payloads = [json.loads(json.dumps(p)) for p in entries]
         with self._write_lock:
             s = self._state
@@ -198,7 +197,7 @@ class EditMemory:
                 self._state = new
             return len(rows)
 
-    # --- persistence ---------------------------------------------------------------------
+    # --- snapshots -----------------------------------------------------------------------
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """A flat dict of tensors (metadata as JSON bytes) that `from_tensors` restores exactly.
@@ -231,17 +230,6 @@ class EditMemory:
             index, approximate, meta["edit_ids"], meta["payloads"], alive, bitmap
         )
         return memory
-
-    def save(self, directory: Path) -> None:
-        """Writes `directory/meta.json` + a safetensors file; atomic (see `memory.persist`)."""
-        flat = self.to_tensors()
-        meta = tensor_json(flat.pop("meta"))
-        save_bundle(Path(directory), flat, meta)
-
-    @classmethod
-    def load(cls, directory: Path) -> EditMemory:
-        flat, meta = load_bundle(Path(directory))
-        return cls.from_tensors({**flat, "meta": json_tensor(meta)})
 
     # --- internals -----------------------------------------------------------------------
 

@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from methods.base import EditContext, EditRequest
 from methods.hparams import HparamCheck, load_hparams
 from methods.memory_common import MemoryContext, MemoryPayload, fact_text
@@ -131,11 +129,6 @@ def _with_facts(facts: list[str], question: str) -> str:
     the embedded model's chat answers follow the fact most often (docs/memory-edits.md)."""
     lines = "\n".join(f"New fact: {f}." for f in facts)
     return f"{lines}\nUsing the new fact, answer: {question}"
-
-
-def similarities(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities [q, k] of unit-norm rows."""
-    return queries @ keys.T
 
 
 IKE_SPEC = MethodSpec(

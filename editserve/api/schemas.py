@@ -171,15 +171,6 @@ class CompletionRequest(_SamplingFields):
         return prompt
 
 
-# -- responses ------------------------------------------------------------------------------------
-
-
-class Usage(APIModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 # -- edits ----------------------------------------------------------------------------------------
 
 OneOrMany = str | list[str] | None

@@ -259,11 +259,6 @@ class MemoryEdits:
                     return ids, used
         return template(messages), []
 
-    def rewrite(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict]]:
-        """`retrieve` then `apply`: the conditioned conversation and the entries used."""
-        used = self.retrieve(messages)
-        return self.apply(messages, used), used
-
 
 def _search(query: torch.Tensor, payload: MemoryPayload, k: int) -> list[Hit]:
     """The k entries of `payload` nearest to `query` ([1, 384]), as `EditMemory.search` would

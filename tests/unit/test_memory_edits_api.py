@@ -98,6 +98,13 @@ def state(client: TestClient):  # noqa: ANN201
     return client.app.state.editserve
 
 
+def conditioned(client: TestClient, messages: list[dict[str, str]]) -> tuple[list, list]:
+    """The conversation as the memory conditions it, and the entries used."""
+    memory = state(client).edits.memory
+    used = memory.retrieve(messages)
+    return memory.apply(messages, used), used
+
+
 @pytest.mark.parametrize("method", ["ike", "ice", "serac"])
 def test_a_prompt_memory_edit_conditions_only_related_chats(client: TestClient, method) -> None:
     paraphrase = "Where is the Eiffel Tower located, which city?"
@@ -115,9 +122,7 @@ def test_a_prompt_memory_edit_conditions_only_related_chats(client: TestClient, 
     assert version == "1" and edited > plain  # the fact went into the prompt
     assert chat(client, paraphrase)[0] > plain_paraphrase
     assert chat(client, UNRELATED)[0] == unrelated  # nothing injected
-    messages, used = state(client).edits.memory.rewrite(
-        [{"role": "user", "content": EIFFEL["prompt"]}]
-    )
+    messages, used = conditioned(client, [{"role": "user", "content": EIFFEL["prompt"]}])
     assert [u["edit_id"] for u in used] == [body["id"]]
     assert "Rome" in messages[-1]["content"]
     demos = any(m["role"] == "assistant" for m in messages)
@@ -145,15 +150,15 @@ def test_a_prompt_memory_erase_is_an_earlier_refusal_and_survives_a_restart(
         body = {"requests": [EIFFEL], "checks": False, "hparams": {"threshold": 0.5}}
         r = first.post("/edits", json={"method": method, "kind": "erase", **body})
         assert r.status_code == 200, r.text
-        erased, used = state(first).edits.memory.rewrite(question)
+        erased, used = conditioned(first, question)
         assert [u["edit_id"] for u in used] == [r.json()["id"]]
         assert erased == [*refused, *question]  # no fact line, no demonstrations
         assert post(first, "ice", "Paris", hparams={"threshold": 0.5}).status_code == 200
-        both, _ = state(first).edits.memory.rewrite(question)
+        both, _ = conditioned(first, question)
     assert both[-3:-1] == refused and both[-1]["content"].endswith(EIFFEL["prompt"])
     assert "Paris" in both[-1]["content"] and "know" not in both[-1]["content"]
     with TestClient(build(tmp_path)) as second:
-        assert state(second).edits.memory.rewrite(question)[0] == both
+        assert conditioned(second, question)[0] == both
 
 
 def test_a_chat_answer_names_the_memory_edits_in_its_prompt(client: TestClient) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from memory.index import EditMemory, Hit
 
@@ -91,17 +92,19 @@ def test_remove_is_exact() -> None:
     assert top_rows(memory, vectors[[5, 8, 19]]) == [[5], [8], [19]]
 
 
-def test_persist_and_reload_flat(tmp_path: Path) -> None:
+def reloaded(memory: EditMemory, folder: Path) -> EditMemory:
+    """`memory` through its snapshot, written to and read from a safetensors file."""
+    save_file(memory.to_tensors(), str(folder / "memory.safetensors"))
+    return EditMemory.from_tensors(load_file(str(folder / "memory.safetensors")))
+
+
+def test_snapshot_and_reload_flat(tmp_path: Path) -> None:
     memory, vectors = filled(30)
     memory.remove("e2")
     queries = unit(5, seed=1)
     before = as_tuples(memory.search(queries, k=5))
-    memory.save(tmp_path / "mem")
-    memory.save(tmp_path / "mem")  # overwriting leaves one tensors file
-    assert len(list((tmp_path / "mem").glob("*.safetensors"))) == 1
-    restored = EditMemory.load(tmp_path / "mem")
+    restored = reloaded(memory, tmp_path)
     assert as_tuples(restored.search(queries, k=5)) == before
-    assert as_tuples(EditMemory.from_tensors(memory.to_tensors()).search(queries, k=5)) == before
     restored.add("new", [{"row": 99}], vectors[:1])  # a restored memory keeps working
     assert len(restored) == len(memory) + 1
 
@@ -129,8 +132,7 @@ def test_switches_to_hnsw_and_still_finds_neighbours(tmp_path: Path) -> None:
 
     # Exact restore, HNSW graph and tombstones included.
     before = as_tuples(memory.search(noisy, k=3))
-    memory.save(tmp_path / "mem")
-    restored = EditMemory.load(tmp_path / "mem")
+    restored = reloaded(memory, tmp_path)
     assert restored.approximate and as_tuples(restored.search(noisy, k=3)) == before
 
     # Many removals: a rebuild; below the threshold again, back to exact search.

@@ -7,7 +7,7 @@ answers /health is taken (the replay of every edit). With `--baseline-src DIR` (
 of an older commit) the same runs on a server from that tree first, so both are one run:
 
     git archive 37bf154 | tar -x -C /tmp/editserve-base
-    python bench/edit_memory.py --n 60 --baseline-src /tmp/editserve-base
+    python bench/edit_rss.py --n 60 --baseline-src /tmp/editserve-base
 
 Part two times the weight ledger alone, in process: five 576x1536 matrices (the embedded model's
 MEMIT layers), k rank-one deltas active, then one more applied, and that one undone (an undo
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import torch
-from harness import ServerProcess, machine_info
+from harness import RESULTS, ServerProcess, machine_info
 
 from editserve.edits.ledger import WeightLedger
 from editserve.heap import resident_mb
@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--baseline-src", type=Path, help="source tree of the baseline server")
     parser.add_argument("--ledger-active", default="1,100,1000")
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "edit_memory.json"
+        "--out", type=Path, default=RESULTS / "edit_rss.json"
     )
     args = parser.parse_args()
     if not ZSRE.is_file():

@@ -17,8 +17,9 @@
    turns) instead of before the fill. With `--baseline-src DIR` a server (and its twin) from
    another source tree is measured in the same rounds too: an A/B on the same CPU.
 
-    python bench/memory.py --start [--n 50] [--methods ike,ice,serac,grace] [--memory-size 10000]
-    python bench/memory.py --start --n 0 --baseline-src /tmp/editserve-main   # latency only
+    python bench/memory_edits.py --start [--n 50] [--methods ike,ice,serac,grace]
+        [--memory-size 10000]
+    python bench/memory_edits.py --start --n 0 --baseline-src /tmp/editserve-main   # latency only
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from edits import (
     load_records,
     same_subject,
 )
-from harness import ServerProcess, machine_info, percentile
+from harness import RESULTS, ServerProcess, machine_info, percentile
 
 from editserve.eval.metrics import contains_answer
 
@@ -313,7 +314,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     add_records_arguments(parser)
     parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "memory.json"
+        "--out", type=Path, default=RESULTS / "memory.json"
     )
     args = parser.parse_args()
     if args.baseline_src and not args.start:
